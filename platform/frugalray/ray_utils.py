@@ -1,0 +1,39 @@
+"""Connecting to Ray the same way from the CLI, jobs and tests."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+# A 2-core laptop needs more *logical* CPUs than cores, or Serve's ingress replica and
+# Ray Data's actor pools wait forever behind the engine's CPU bundle.
+DEFAULT_LOCAL_CPUS = 8
+# Passed to every worker so that nothing reaches for a model hub at run time on an offline box.
+WORKER_ENV_KEYS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "FRUGALRAY_HOME")
+
+
+def worker_env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in WORKER_ENV_KEYS if k in os.environ}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join `address` (or $RAY_ADDRESS, as inside `ray job submit`), else start a local cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": worker_env()}
+    if address:
+        # Workers of an existing cluster inherit the environment `ray start` had (and a
+        # submitted job's own runtime_env); layering another one here would fight it.
+        log.info("connecting to Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        cpus = num_cpus or max(DEFAULT_LOCAL_CPUS, os.cpu_count() or 1)
+        log.info("starting a local Ray cluster with %d logical CPUs", cpus)
+        ray.init(num_cpus=cpus, runtime_env=runtime_env, include_dashboard=False)

@@ -1,0 +1,90 @@
+"""Shared fixtures: one local Ray cluster and one prepared default model per test session."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+# Offline by construction: nothing may reach for a model hub at run time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_cli() -> str:
+    return str(Path(sys.executable).parent / "ray")
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> str:
+    from frugalray.models import DEFAULT_MODEL, resolve_model
+
+    return resolve_model(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real `ray start --head` cluster on loopback, shared by every test that needs Ray.
+
+    Yields {"address": GCS address, "dashboard": job-server URL}. The pytest process itself
+    is connected as a driver, so tests can call Ray Data / Train / Tune / Serve directly.
+    """
+    import ray
+
+    gcs_port, dash_port = free_port(), free_port()
+    env = dict(os.environ)
+    proc = subprocess.Popen(
+        [
+            ray_cli(), "start", "--head", "--block",
+            "--node-ip-address", "127.0.0.1",
+            "--port", str(gcs_port),
+            "--num-cpus", "8",
+            "--include-dashboard", "true",
+            "--dashboard-host", "127.0.0.1",
+            "--dashboard-port", str(dash_port),
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    address = f"127.0.0.1:{gcs_port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            ray.init(address=address, log_to_driver=False)
+            break
+        except Exception:  # noqa: BLE001 - still starting
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"ray start --head exited or timed out (rc={proc.poll()})")
+            time.sleep(2)
+    yield {"address": address, "dashboard": f"http://127.0.0.1:{dash_port}"}
+    ray.shutdown()
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # noqa: BLE001 - best effort; the cluster stops next anyway
+        pass
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)

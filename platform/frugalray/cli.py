@@ -1,0 +1,212 @@
+"""`frugalray` command line: one subcommand per stage, plus the end-to-end pipeline.
+
+Every stage subcommand takes the same YAML config its Ray Job entrypoint in jobs/ takes,
+validates it completely before starting any Ray work, and records what it spent in the
+run directory's compute ledger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from frugalray.config import ConfigError
+
+# stage -> (module, config class, run function, what it does)
+STAGES: dict[str, tuple[str, str, str, str]] = {
+    "score": ("frugalray.data.score", "ScoreConfig", "run_score",
+              "score every example with a reference model on a Ray Data actor pool (perplexity)"),
+    "select": ("frugalray.data.select", "SelectConfig", "run_select",
+               "keep a fraction or a token budget of scored examples; write the subset and a report"),
+    "finetune": ("frugalray.train.finetune", "FinetuneConfig", "run_finetune",
+                 "QLoRA/LoRA fine-tune with Ray Train; save the PEFT adapter as a checkpoint"),
+    "sweep": ("frugalray.tune.sweep", "SweepConfig", "run_sweep",
+              "Ray Tune sweep whose trials share one FLOP cap that is never exceeded"),
+}
+
+EPILOG = """examples:
+  frugalray model prepare                      # convert the embedded default model once
+  frugalray data generate --out runs/data/tasks.jsonl --n-rows 200 --noise-rate 0.2
+  frugalray score --config jobs/configs/score.yaml --run-dir runs/mine
+  frugalray pipeline --config jobs/configs/pipeline.yaml
+  frugalray serve --config serve/config.yaml   # OpenAI-compatible API on 127.0.0.1:8000
+  frugalray ledger runs/pipeline               # FLOPs spent per stage
+"""
+
+
+def _add_stage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config (see jobs/configs/)")
+    p.add_argument("--run-dir", default=None, help="where outputs and ledger.jsonl go (default: runs/<stage>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set max_steps=4 (repeatable)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="frugalray",
+        description="Train and serve language models on Ray under explicit FLOP, memory and data budgets.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model = sub.add_parser("model", help="prepare models (the embedded default is converted once to HF format)")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    prep = model_sub.add_parser("prepare", help="resolve a model; convert the embedded default into the cache")
+    prep.add_argument("name", nargs="?", default=None,
+                      help="'smollm2-135m-instruct' (default), a local HF model directory or an HF model id")
+    prep.add_argument("--force", action="store_true", help="convert again even when already prepared")
+
+    data = sub.add_parser("data", help="built-in verifiable tasks of graded difficulty")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    gen = data_sub.add_parser("generate", help="write generated tasks (optionally with labelled noise)")
+    gen.add_argument("--config", default=None, help="YAML with GenerateConfig fields (flags override it)")
+    gen.add_argument("--out", default=None, help="output .jsonl or .parquet")
+    gen.add_argument("--n-rows", type=int, default=None)
+    gen.add_argument("--max-digits", type=int, default=None, help="operands have 1..N digits (N <= 3)")
+    gen.add_argument("--families", default=None, help="comma-separated task families")
+    gen.add_argument("--noise-rate", type=float, default=None, help="fraction of rows made noisy (labelled)")
+    gen.add_argument("--seed", type=int, default=None)
+
+    for name, (_, _, _, helptext) in STAGES.items():
+        _add_stage_args(sub.add_parser(name, help=helptext))
+
+    serve = sub.add_parser("serve", help="serve the model and adapters (Ray Serve LLM + vLLM) until Ctrl-C")
+    serve.add_argument("--config", default="serve/config.yaml", help="Serve config (serve/config.yaml)")
+    serve.add_argument("--address", default=None)
+
+    pipe = sub.add_parser("pipeline", help="generate -> score -> select -> finetune -> sweep -> serve-and-query")
+    _add_stage_args(pipe)
+
+    ledger = sub.add_parser("ledger", help="print the FLOPs a run spent, per stage")
+    ledger.add_argument("run_dir")
+    return parser
+
+
+def _load_stage(name: str):
+    module_name, cfg_name, fn_name, _ = STAGES[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, cfg_name), getattr(module, fn_name)
+
+
+def _print_result(result) -> None:
+    data = result.model_dump() if hasattr(result, "model_dump") else getattr(result, "__dict__", result)
+    print(json.dumps(data, indent=2, default=str))
+
+
+def cmd_model_prepare(args) -> int:
+    from frugalray.models import DEFAULT_MODEL, EMBEDDED_MODELS, prepare_model, resolve_model
+
+    name = args.name or DEFAULT_MODEL
+    if args.force and name in EMBEDDED_MODELS:
+        print(prepare_model(name, force=True))
+    else:
+        print(resolve_model(name, field="name"))
+    return 0
+
+
+def cmd_data_generate(args) -> int:
+    from frugalray.config import parse_config, read_yaml
+    from frugalray.data.generate import GenerateConfig, generate_tasks, write_rows
+
+    data = read_yaml(args.config) if args.config else {}
+    flags = {"output_path": args.out, "n_rows": args.n_rows, "max_digits": args.max_digits,
+             "noise_rate": args.noise_rate, "seed": args.seed,
+             "families": args.families.split(",") if args.families else None}
+    data.update({k: v for k, v in flags.items() if v is not None})
+    cfg = parse_config(GenerateConfig, data, args.config or "command line")
+    rows = generate_tasks(cfg)
+    path = write_rows(rows, cfg.output_path)
+    noisy = sum(r["noise_kind"] != "none" for r in rows)
+    print(f"wrote {len(rows)} rows ({noisy} with labelled noise) to {path}")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from frugalray.budget.ledger import ComputeLedger
+    from frugalray.config import load_config
+    from frugalray.ray_utils import init_ray
+
+    cfg_cls, run = _load_stage(args.command)
+    cfg = load_config(cfg_cls, args.config, args.overrides)  # all validation before Ray starts
+    run_dir = Path(args.run_dir or f"runs/{args.command}")
+    init_ray(args.address)
+    result = run(cfg, run_dir, ComputeLedger(run_dir))
+    _print_result(result)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """Deploy the first application of a Serve config file and keep it up until Ctrl-C."""
+    import time
+
+    from frugalray.config import parse_config, read_yaml
+    from frugalray.ray_utils import init_ray
+    from frugalray.serve.app import deploy
+    from frugalray.serve.config import ServeConfig
+
+    apps = read_yaml(args.config).get("applications") or [{}]
+    cfg = parse_config(ServeConfig, dict(apps[0].get("args") or {}), f"{args.config} applications[0].args")
+    init_ray(args.address)
+    url = deploy(cfg)
+    print(f"serving {cfg.model_name} {sorted(cfg.adapters)} at {url} (OpenAI API); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_pipeline(args) -> int:
+    from frugalray.pipeline import PipelineConfig, run_pipeline
+    from frugalray.config import load_config
+
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    run_pipeline(cfg, run_dir=args.run_dir, address=args.address)
+    return 0
+
+
+def cmd_ledger(args) -> int:
+    from frugalray.budget.ledger import ComputeLedger
+
+    ledger = ComputeLedger(args.run_dir)
+    totals = ledger.totals_by_stage()
+    if not totals:
+        print(f"no ledger at {ledger.path}", file=sys.stderr)
+        return 1
+    print(f"{'stage':<12} {'FLOPs':>12} {'tokens':>10} {'wall s':>8}")
+    for stage, t in totals.items():
+        print(f"{stage:<12} {t['flops']:>12.3e} {int(t['tokens']):>10} {t['wall_s']:>8.1f}")
+    print(f"{'total':<12} {ledger.total_flops():>12.3e}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        if args.command == "model":
+            return cmd_model_prepare(args)
+        if args.command == "data":
+            return cmd_data_generate(args)
+        if args.command in STAGES:
+            return cmd_stage(args)
+        handler = {"serve": cmd_serve, "pipeline": cmd_pipeline, "ledger": cmd_ledger}[args.command]
+        return handler(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""The main job: generate -> score -> select -> finetune -> sweep -> serve-and-query.
+
+Reads top to bottom: validate every stage's config with the paths this run will use
+(all problems at once, before any Ray work), then run the stages in order on one Ray
+cluster, each recording what it spent in `run_dir/ledger.jsonl`, and finish with a
+summary table (also `summary.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from frugalray.config import ConfigError, StrictModel, parse_config
+from frugalray.models import DEFAULT_MODEL, resolve_model
+
+log = logging.getLogger(__name__)
+
+
+class HeldoutConfig(StrictModel):
+    n_rows: int = Field(40, ge=1, description="clean held-out tasks for accuracy before/after fine-tuning")
+    seed: int = 10_000
+    max_tokens: int = Field(16, ge=1, description="completion tokens per held-out answer (greedy)")
+
+
+class QueryConfig(StrictModel):
+    n_prompts: int = Field(4, ge=0, description="held-out prompts asked with a sample budget at the end")
+    max_samples: int = Field(4, ge=1, description="compute_budget.max_samples per budgeted query")
+    max_tokens: int = Field(16, ge=1)
+
+
+class PipelineConfig(StrictModel):
+    run_dir: str = "runs/pipeline"
+    model: str = DEFAULT_MODEL
+    # Sections are the stage configs minus the paths the pipeline wires together.
+    generate: dict[str, Any] = Field(default_factory=dict)
+    heldout: HeldoutConfig = Field(default_factory=HeldoutConfig)
+    score: dict[str, Any] = Field(default_factory=dict)
+    select: dict[str, Any] = Field(default_factory=dict)
+    finetune: dict[str, Any] = Field(default_factory=dict)
+    sweep: dict[str, Any] = Field(default_factory=dict)
+    serve: dict[str, Any] = Field(default_factory=dict)
+    query: QueryConfig = Field(default_factory=QueryConfig)
+
+
+class StagePlan:
+    """Every stage's typed config, with the file paths that connect the stages."""
+
+    def __init__(self, cfg: PipelineConfig, run_dir: Path):
+        from frugalray.data.generate import GenerateConfig
+        from frugalray.data.score import ScoreConfig
+        from frugalray.data.select import SelectConfig
+        from frugalray.serve.config import ServeConfig
+        from frugalray.train.finetune import FinetuneConfig
+        from frugalray.tune.sweep import SweepConfig
+
+        self.run_dir = run_dir
+        self.tasks_path = run_dir / "data" / "tasks.jsonl"
+        self.heldout_path = run_dir / "data" / "heldout.jsonl"
+        self.scored_path = run_dir / "scored"
+        self.selected_path = run_dir / "selected.jsonl"
+        problems: list[str] = []
+
+        def stage(section: str, cls, data: dict[str, Any]):
+            try:
+                return parse_config(cls, data)
+            except ConfigError as err:
+                problems.extend(f"{section}.{p}" for p in err.problems)
+                return None
+
+        self.generate = stage("generate", GenerateConfig, {**cfg.generate, "output_path": str(self.tasks_path)})
+        self.score = stage("score", ScoreConfig, {
+            "model": cfg.model, **cfg.score,
+            "input_path": str(self.tasks_path), "output_path": str(self.scored_path),
+        })
+        self.select = stage("select", SelectConfig, {
+            **cfg.select, "input_path": str(self.scored_path), "output_path": str(self.selected_path),
+        })
+        finetune = {"model": cfg.model, **cfg.finetune,
+                    "data_path": str(self.selected_path), "eval_path": str(self.heldout_path)}
+        self.finetune = stage("finetune", FinetuneConfig, finetune)
+        sweep = dict(cfg.sweep)
+        sweep["finetune"] = {**finetune, **sweep.get("finetune", {})}
+        self.sweep = stage("sweep", SweepConfig, sweep)
+        self.serve_section = dict(cfg.serve)
+        self.serve = stage("serve", ServeConfig, {"model": cfg.model, **cfg.serve})
+        try:
+            resolve_model(cfg.model, field="model")
+        except ConfigError as err:
+            problems.extend(err.problems)
+        if problems:
+            raise ConfigError(problems, "pipeline config")
+
+    def serve_with_adapter(self, adapter_name: str, adapter_path: str):
+        from frugalray.serve.config import ServeConfig
+
+        data = {**self.serve.model_dump(), "adapters": {**self.serve.adapters, adapter_name: adapter_path}}
+        return parse_config(ServeConfig, data, "serve")
+
+
+def _fmt_flops(x: float) -> str:
+    return f"{x:.3e}"
+
+
+def run_pipeline(cfg: PipelineConfig, run_dir: str | Path | None = None, address: str | None = None) -> dict:
+    from tqdm import tqdm
+
+    from frugalray.budget.ledger import ComputeLedger
+    from frugalray.data.generate import generate_tasks, make_eval_set, write_rows
+    from frugalray.data.score import run_score
+    from frugalray.data.select import run_select
+    from frugalray.ray_utils import init_ray
+    from frugalray.serve.app import deploy, shutdown_app
+    from frugalray.serve.client import evaluate
+    from frugalray.train.finetune import run_finetune
+    from frugalray.tune.sweep import run_sweep
+
+    run_dir = Path(run_dir or cfg.run_dir)
+    plan = StagePlan(cfg, run_dir)  # raises one ConfigError listing every problem
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "pipeline_config.json").write_text(cfg.model_dump_json(indent=2))
+    ledger = ComputeLedger(run_dir)
+    started = time.time()
+    steps = ["generate", "score", "select", "finetune", "sweep", "serve"]
+    bar = tqdm(total=len(steps), desc="pipeline", unit="stage")
+    results: dict[str, Any] = {}
+
+    def stage_done(name: str):
+        bar.set_postfix_str(f"{name} done, {time.time() - started:.0f}s")
+        bar.update(1)
+
+    # 1. generate: noisy training tasks + clean held-out tasks (no Ray work)
+    t0 = time.time()
+    rows = generate_tasks(plan.generate)
+    write_rows(rows, plan.tasks_path)
+    train_instructions = {r["instruction"] for r in rows}
+    heldout = make_eval_set(
+        cfg.heldout.n_rows, seed=cfg.heldout.seed, families=plan.generate.families,
+        max_digits=plan.generate.max_digits, operations=plan.generate.operations,
+        exclude_instructions=train_instructions,
+    )
+    write_rows(heldout, plan.heldout_path)
+    noisy = sum(r["noise_kind"] != "none" for r in rows)
+    ledger.record("generate", flops=0.0, wall_s=time.time() - t0,
+                  produced={"rows": len(rows), "noisy_rows": noisy, "heldout_rows": len(heldout)})
+    results["generate"] = {"rows": len(rows), "noisy_rows": noisy, "heldout_rows": len(heldout)}
+    stage_done("generate")
+
+    init_ray(address)
+
+    # 2-5: each stage records its own ledger entry
+    bar.set_description("pipeline: score")
+    results["score"] = run_score(plan.score, run_dir, ledger)
+    stage_done("score")
+    bar.set_description("pipeline: select")
+    results["select"] = run_select(plan.select, run_dir, ledger)
+    stage_done("select")
+    bar.set_description("pipeline: finetune")
+    results["finetune"] = ft = run_finetune(plan.finetune, run_dir / "finetune", ledger)
+    stage_done("finetune")
+    bar.set_description("pipeline: sweep")
+    results["sweep"] = run_sweep(plan.sweep, run_dir / "sweep", ledger)
+    stage_done("sweep")
+
+    # 6. serve base + adapter; held-out accuracy before/after; budgeted queries
+    bar.set_description("pipeline: serve")
+    adapter_name = "finetuned"
+    serve_cfg = plan.serve_with_adapter(adapter_name, str(ft.adapter_path))
+    t0 = time.time()
+    base_url = deploy(serve_cfg)
+    startup_s = time.time() - t0
+    try:
+        before = evaluate(base_url, serve_cfg.model_name, heldout, max_tokens=cfg.heldout.max_tokens,
+                          api_key=serve_cfg.api_key)
+        after = evaluate(base_url, adapter_name, heldout, max_tokens=cfg.heldout.max_tokens,
+                         api_key=serve_cfg.api_key)
+        queries = heldout[: cfg.query.n_prompts]
+        budgeted = evaluate(base_url, adapter_name, queries, max_tokens=cfg.query.max_tokens,
+                            compute_budget={"max_samples": cfg.query.max_samples},
+                            api_key=serve_cfg.api_key, concurrency=1) if queries else None
+    finally:
+        shutdown_app(serve_cfg.app_name)
+    serve_flops = before.usage["flops"] + after.usage["flops"] + (budgeted.usage["flops"] if budgeted else 0.0)
+    serve_tokens = sum(int(e.usage.get("prompt_tokens", 0) + e.usage.get("completion_tokens", 0))
+                       for e in (before, after, budgeted) if e is not None)
+    ledger.record("serve", flops=serve_flops, tokens=serve_tokens, wall_s=time.time() - t0,
+                  produced={"accuracy_base": before.accuracy, "accuracy_finetuned": after.accuracy,
+                            "startup_s": round(startup_s, 1), "budgeted_queries": len(queries)})
+    results["serve"] = {"before": before, "after": after, "budgeted": budgeted, "queries": queries,
+                        "flops": serve_flops, "startup_s": startup_s}
+    stage_done("serve")
+    bar.close()
+
+    summary = build_summary(results, ledger, wall_s=time.time() - started)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(format_summary(summary, run_dir))
+    return summary
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
+
+
+def build_summary(results: dict[str, Any], ledger, wall_s: float) -> dict[str, Any]:
+    sel, ft, sw, sv = results["select"], results["finetune"], results["sweep"], results["serve"]
+    per_stage = ledger.totals_by_stage()
+    stage_flops = {
+        "score": _get(results["score"], "flops", 0.0),
+        "select": 0.0,
+        "finetune": _get(ft, "flops", 0.0),
+        "sweep": _get(sw, "flops_spent", 0.0),
+        "serve": sv["flops"],
+    }
+    mismatched = {
+        s: (f, per_stage.get(s, {}).get("flops", 0.0))
+        for s, f in stage_flops.items()
+        if abs(per_stage.get(s, {}).get("flops", 0.0) - f) > 1e-6 * max(1.0, f)
+    }
+    budgeted = sv["budgeted"]
+    served_answers = []
+    if budgeted is not None:
+        for row, answer in zip(sv["queries"], budgeted.answers):
+            served_answers.append({"prompt": row["instruction"], "answer": answer, "gold": row["answer"]})
+    return {
+        "wall_s": round(wall_s, 1),
+        "rows_in": _get(sel, "rows_in"),
+        "rows_kept": _get(sel, "kept"),
+        "rows_dropped": _get(sel, "dropped"),
+        "rows_quarantined": _get(results["score"], "rows_quarantined", 0),
+        "noisy_rows_generated": results["generate"]["noisy_rows"],
+        "train_loss_first": _get(ft, "first_loss"),
+        "train_loss_final": _get(ft, "final_loss"),
+        "eval_loss_before": _get(ft, "eval_loss_before"),
+        "eval_loss_after": _get(ft, "eval_loss_after"),
+        "heldout_accuracy_before": sv["before"].accuracy,
+        "heldout_accuracy_after": sv["after"].accuracy,
+        "heldout_n": sv["before"].n,
+        "sweep_best_config": _get(sw, "best_config"),
+        "sweep_best_metric": _get(sw, "best_metric"),
+        "sweep_flops_spent": _get(sw, "flops_spent"),
+        "sweep_flop_cap": _get(sw, "flop_cap"),
+        "served_answers": served_answers,
+        "served_usage": budgeted.usage if budgeted is not None else {},
+        "adapter_path": str(_get(ft, "adapter_path")),
+        "ledger_by_stage": per_stage,
+        "ledger_total_flops": ledger.total_flops(),
+        "ledger_matches_stages": not mismatched,
+        "ledger_mismatches": mismatched,
+    }
+
+
+def format_summary(s: dict[str, Any], run_dir: Path) -> str:
+    def f(x, spec=".3f"):
+        return "n/a" if x is None else format(x, spec)
+
+    lines = [
+        "",
+        "=" * 72,
+        f"frugalray pipeline summary ({s['wall_s']:.0f} s)  run dir: {run_dir}",
+        "=" * 72,
+        f"{'data':<28} rows in {s['rows_in']}, kept {s['rows_kept']}, dropped {s['rows_dropped']}, "
+        f"quarantined {s['rows_quarantined']} (noisy generated: {s['noisy_rows_generated']})",
+        f"{'train loss (first -> last)':<28} {f(s['train_loss_first'])} -> {f(s['train_loss_final'])}",
+        f"{'held-out loss (before->after)':<28} {f(s['eval_loss_before'])} -> {f(s['eval_loss_after'])}",
+        f"{'held-out accuracy':<28} base {f(s['heldout_accuracy_before'], '.1%')} -> fine-tuned "
+        f"{f(s['heldout_accuracy_after'], '.1%')} (n={s['heldout_n']}, greedy)",
+        f"{'sweep best':<28} {s['sweep_best_config']} metric {f(s['sweep_best_metric'])}",
+        f"{'sweep FLOPs':<28} {_fmt_flops(s['sweep_flops_spent'] or 0)} spent of cap {_fmt_flops(s['sweep_flop_cap'] or 0)}",
+    ]
+    for q in s["served_answers"]:
+        lines.append(f"{'served (budgeted)':<28} {q['prompt'][:40]!r} -> {q['answer']} (gold {q['gold']})")
+    u = s["served_usage"]
+    if u:
+        lines.append(f"{'served cost (all budgeted)':<28} samples {u.get('samples', 0):.0f}, completion tokens "
+                     f"{u.get('completion_tokens', 0):.0f}, FLOPs {_fmt_flops(u.get('flops', 0.0))}")
+    lines.append("-" * 72)
+    lines.append(f"{'stage':<12} {'FLOPs':>12} {'tokens':>10} {'wall s':>8}")
+    for stage, t in s["ledger_by_stage"].items():
+        lines.append(f"{stage:<12} {_fmt_flops(t['flops']):>12} {int(t['tokens']):>10} {t['wall_s']:>8.1f}")
+    lines.append(f"{'total':<12} {_fmt_flops(s['ledger_total_flops']):>12}")
+    check = "OK" if s["ledger_matches_stages"] else f"MISMATCH {s['ledger_mismatches']}"
+    lines.append(f"ledger vs stage results: {check}; ledger at {run_dir / 'ledger.jsonl'}")
+    lines.append("=" * 72)
+    return "\n".join(lines)

@@ -16,10 +16,10 @@ demo: setup
 	$(VENV)/bin/frugalray pipeline --config jobs/configs/pipeline.yaml
 
 test: setup
-	$(VENV)/bin/python -m pytest -v --durations=15 tests
+	$(VENV)/bin/python -m pytest -v --durations=25
 
 test-fast: setup
-	$(VENV)/bin/python -m pytest -v -m "not slow" tests
+	$(VENV)/bin/python -m pytest -v -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check platform jobs serve tests bench

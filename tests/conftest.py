@@ -19,6 +19,10 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray 2.60 turns on token auth for a `ray start --head` whenever ~/.ray/auth_token exists
+# (any earlier local ray.init() writes one). The test cluster binds to loopback only, and one
+# explicit mode for the head, the pytest driver and `ray job submit` keeps them consistent.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def free_port() -> int:
@@ -66,25 +70,30 @@ def ray_cluster():
         start_new_session=True,
     )
     address = f"127.0.0.1:{gcs_port}"
+
+    def stop_cluster():
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
     deadline = time.time() + 120
     while True:
         try:
             ray.init(address=address, log_to_driver=False)
             break
-        except Exception:  # noqa: BLE001 - still starting
+        except Exception as err:  # noqa: BLE001 - still starting, or a real failure
             if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"ray start --head exited or timed out (rc={proc.poll()})")
+                stop_cluster()
+                raise RuntimeError(f"could not join `ray start --head` at {address}: {err}") from err
             time.sleep(2)
     yield {"address": address, "dashboard": f"http://127.0.0.1:{dash_port}"}
-    ray.shutdown()
     try:
         from ray import serve
 
         serve.shutdown()
-    except Exception:  # noqa: BLE001 - best effort; the cluster stops next anyway
-        pass
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    except Exception as err:  # noqa: BLE001 - best effort; stopping the cluster ends Serve anyway
+        print(f"serve.shutdown failed during teardown: {err}")
+    ray.shutdown()
+    stop_cluster()

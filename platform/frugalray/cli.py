@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -131,12 +132,14 @@ def cmd_data_generate(args) -> int:
 def cmd_stage(args) -> int:
     from frugalray.budget.ledger import ComputeLedger
     from frugalray.config import load_config
-    from frugalray.ray_utils import init_ray
 
     cfg_cls, run = _load_stage(args.command)
-    cfg = load_config(cfg_cls, args.config, args.overrides)  # all validation before Ray starts
+    cfg = load_config(cfg_cls, args.config, args.overrides)
     run_dir = Path(args.run_dir or f"runs/{args.command}")
-    init_ray(args.address)
+    if args.address:
+        os.environ["RAY_ADDRESS"] = args.address
+    # Each stage validates its inputs (files, fields, model, budget) and only then calls
+    # init_ray(), so bad input is rejected before any Ray work starts.
     result = run(cfg, run_dir, ComputeLedger(run_dir))
     _print_result(result)
     return 0

@@ -90,11 +90,37 @@ class StagePlan:
         self.serve_section = dict(cfg.serve)
         self.serve = stage("serve", ServeConfig, {"model": cfg.model, **cfg.serve})
         try:
-            resolve_model(cfg.model, field="model")
+            model_path = resolve_model(cfg.model, field="model")
         except ConfigError as err:
             problems.extend(err.problems)
+            model_path = None
+        if model_path and self.sweep is not None:
+            problems.extend(self._sweep_cap_problems(model_path, cfg.heldout.n_rows))
         if problems:
             raise ConfigError(problems, "pipeline config")
+
+    def _sweep_cap_problems(self, model_path: str, heldout_rows: int) -> list[str]:
+        """The cap must pay for at least one step (plus its evaluation) of the cheapest trial.
+
+        Checked here, before any data exists, because the sweep's own preflight reads the
+        selected data, which only the select stage produces.
+        """
+        from frugalray.models import model_shape
+        from frugalray.train.finetune import FinetuneConfig
+        from frugalray.tune.sweep import trial_configs, trial_cost_bounds
+
+        shape = model_shape(model_path)
+        base = self.sweep.finetune
+        eval_rows = min(base.eval_rows, heldout_rows)
+        costs = []
+        for combo in trial_configs(self.sweep):
+            variant = FinetuneConfig.model_validate({**base.model_dump(), **combo})
+            costs.append(sum(trial_cost_bounds(variant, shape, eval_rows)))
+        cheapest = min(costs)
+        if self.sweep.flop_cap < cheapest:
+            return [f"sweep.flop_cap: {self.sweep.flop_cap:.4g} FLOPs cannot pay for one training step plus its "
+                    f"evaluation of the cheapest trial ({cheapest:.4g}); raise it to at least {cheapest:.4g}"]
+        return []
 
     def serve_with_adapter(self, adapter_name: str, adapter_path: str):
         from frugalray.serve.config import ServeConfig

@@ -36,4 +36,5 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         cpus = num_cpus or max(DEFAULT_LOCAL_CPUS, os.cpu_count() or 1)
         log.info("starting a local Ray cluster with %d logical CPUs", cpus)
-        ray.init(num_cpus=cpus, runtime_env=runtime_env, include_dashboard=False)
+        # address="local": always a fresh cluster, never silently another user's one on this machine.
+        ray.init(address="local", num_cpus=cpus, runtime_env=runtime_env, include_dashboard=False)

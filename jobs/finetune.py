@@ -1,0 +1,54 @@
+"""Ray Job: LoRA / QLoRA fine-tuning with Ray Train; the adapter lands in <run-dir>/adapter.
+
+    python jobs/finetune.py --config jobs/configs/finetune.yaml --run-dir runs/finetune
+    ray job submit --working-dir . -- python jobs/finetune.py --config jobs/configs/finetune.yaml
+
+The default data is the select job's output (runs/data/selected.jsonl); run jobs/score.py
+and jobs/select_data.py first, or point data_path at any .jsonl/.json/.parquet dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from frugalray.config import ConfigError, load_config
+from frugalray.ray_utils import init_ray
+from frugalray.train.finetune import FinetuneConfig, preflight_finetune, run_finetune
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML file of FinetuneConfig fields")
+    parser.add_argument("--run-dir", default="runs/finetune", help="where the adapter, checkpoints and ledger go")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    # 1. Validate the config, the model and the data before any Ray work.
+    try:
+        cfg = load_config(FinetuneConfig, args.config, args.set)
+        preflight_finetune(cfg)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+
+    # 2. Join (or start) the cluster, then train.
+    init_ray()
+    result = run_finetune(cfg, args.run_dir)
+
+    # 3. Summary.
+    mean_step = sum(result.step_seconds) / len(result.step_seconds) if result.step_seconds else float("nan")
+    print(
+        f"finetuned {cfg.model} ({cfg.method}, rank {cfg.lora_rank}) for {result.steps} steps: "
+        f"train loss {result.first_loss:.4f} -> {result.final_loss:.4f}, eval loss "
+        f"{result.eval_loss_before} -> {result.eval_loss_after}; {result.tokens} tokens, "
+        f"{result.flops:.3g} FLOPs, {result.wall_s:.1f}s ({mean_step:.2f} s/step)"
+    )
+    print(f"adapter: {result.adapter_path}\ncheckpoint: {result.checkpoint_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Ray Job: keep a fraction (or a token budget) of scored rows, ranked by a score column.
+
+    python jobs/select_data.py --config jobs/configs/select.yaml --run-dir runs/data
+
+Reads what `jobs/score.py` wrote; pure Python on the driver (no Ray work), 0 FLOPs.
+Not named `select.py`: a script's folder is first on sys.path, and a `jobs/select.py` would
+shadow the standard library's `select` module for every job in this folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from frugalray.config import ConfigError, load_config
+from frugalray.data.select import SelectConfig, run_select
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML file of SelectConfig fields")
+    parser.add_argument("--run-dir", default="runs/data", help="where the ledger is written")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    # 1. Validate the config, 2. select (the input is checked inside, before anything is written).
+    try:
+        cfg = load_config(SelectConfig, args.config, args.set)
+        result = run_select(cfg, args.run_dir)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # the row accounting did not add up
+        print(err, file=sys.stderr)
+        return 1
+
+    # 3. Summary.
+    report = json.loads(Path(result.report_path).read_text())
+    print(f"kept {result.kept}/{result.rows_in} rows ({result.kept_tokens} tokens) by {cfg.strategy} {cfg.score}")
+    # Nothing lost: run_select has already checked this equality against the scoring sidecar.
+    rows_in = result.source_rows_in if result.source_rows_in is not None else result.rows_in
+    print(f"rows_in = kept + dropped + quarantined: {rows_in} = {result.kept} + {result.dropped} + {result.quarantined}"
+          f" (dropped by reason: {result.drop_reasons or 'none'})")
+    if "noise" in report:
+        dropped = {k: f"{v['dropped']}/{v['in']}" for k, v in report["noise"].items()}
+        print(f"dropped by noise kind: {dropped}")
+    print(f"output: {result.output_path}\nreport: {result.report_path}")
+    if result.histogram_paths:
+        print(f"histograms: {', '.join(result.histogram_paths)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Build, deploy and stop the frugalray Serve application.
+
+    cfg = ServeConfig(adapters={"adder": "runs/x/adapter"})
+    base_url = deploy(cfg)            # needs Ray initialized (frugalray.ray_utils.init_ray)
+    openai.OpenAI(base_url=base_url, api_key="unused").chat.completions.create(...)
+    shutdown_app(cfg.app_name)
+
+The application is two deployments: Ray Serve LLM's `LLMServer` running vLLM (base model
+plus the adapters as static LoRA modules) and the frugalray ingress in front of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from frugalray.serve.config import ResolvedServe, ServeConfig, preflight
+
+log = logging.getLogger(__name__)
+
+
+class ServeResult(BaseModel):
+    base_url: str
+    app_name: str
+    models: list[str]
+    startup_s: float
+
+
+def base_url_for(cfg: ServeConfig) -> str:
+    """The URL an OpenAI client takes as `base_url` (ends in /v1)."""
+    prefix = cfg.route_prefix.rstrip("/")
+    return f"http://{cfg.http_host}:{cfg.http_port}{prefix}/v1"
+
+
+def llm_config_for(cfg: ServeConfig, resolved: ResolvedServe):
+    from ray.serve.llm import LLMConfig
+
+    from frugalray.ray_utils import worker_env
+
+    engine_kwargs: dict[str, Any] = {
+        # CUDA-graph capture does not exist on CPU; eager mode is what vLLM-CPU runs.
+        "enforce_eager": True,
+        "max_model_len": cfg.max_model_len,
+        **cfg.engine_kwargs,
+    }
+    if resolved.adapters:
+        # Static LoRA modules: vLLM loads them at start and serves each under its own name.
+        # (Ray's LoraConfig only loads adapters from cloud storage.)
+        engine_kwargs.update(
+            enable_lora=True,
+            max_lora_rank=cfg.max_lora_rank,
+            max_loras=max(1, len(resolved.adapters)),
+            lora_modules=[{"name": a.name, "path": a.path} for a in resolved.adapters.values()],
+        )
+    env = {**worker_env(), "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib)}
+    return LLMConfig(
+        model_loading_config={"model_id": cfg.model_name, "model_source": resolved.model_path},
+        engine_kwargs=engine_kwargs,
+        placement_group_config={"bundles": [{"CPU": cfg.engine_cpus}]},
+        runtime_env={"env_vars": env},
+        deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
+    )
+
+
+def build_app(cfg: ServeConfig, resolved: ResolvedServe | None = None):
+    """The Serve application (not yet running). Runs the preflight unless given its result."""
+    from ray import serve
+    from ray.serve.llm import build_llm_deployment
+
+    from frugalray.ray_utils import worker_env
+    from frugalray.serve.ingress import FrugalIngress
+
+    resolved = resolved or preflight(cfg)
+    server = build_llm_deployment(llm_config_for(cfg, resolved), name_prefix=f"{cfg.app_name}-")
+    settings = {
+        "model_name": cfg.model_name,
+        "adapters": {name: a.lora_params for name, a in resolved.adapters.items()},
+        "shape": resolved.shape,
+        "max_samples_ceiling": cfg.max_samples_ceiling,
+        "max_tokens_ceiling": cfg.max_tokens_ceiling,
+        "default_samples": cfg.default_samples,
+        "default_max_tokens": cfg.default_max_tokens,
+        "sample_temperature": cfg.sample_temperature,
+        "api_key": cfg.api_key,
+    }
+    ingress = serve.deployment(
+        FrugalIngress,
+        name=f"{cfg.app_name}-ingress",
+        num_replicas=1,
+        max_ongoing_requests=64,
+        ray_actor_options={"num_cpus": cfg.ingress_cpus, "runtime_env": {"env_vars": worker_env()}},
+    )
+    return ingress.bind(server, settings)
+
+
+def deploy(cfg: ServeConfig, blocking: bool = False) -> str:
+    """Start Serve's HTTP proxy (if not running) and deploy; returns the OpenAI base URL.
+
+    Assumes Ray is initialized. Waits until the engine is up (about a minute on CPU).
+    Only one Serve instance runs per cluster: if Serve is already up on another port, the
+    proxy keeps that port.
+    """
+    from ray import serve
+
+    resolved = preflight(cfg)  # config problems surface before any Ray work
+    serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
+    app = build_app(cfg, resolved)
+    start = time.time()
+    serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
+    log.info("serve app %r up in %.1fs at %s", cfg.app_name, time.time() - start, base_url_for(cfg))
+    return base_url_for(cfg)
+
+
+def shutdown_app(app_name: str) -> None:
+    """Delete one application (the engine and its ingress); Serve itself keeps running."""
+    from ray import serve
+
+    serve.delete(app_name, _blocking=True)
+
+
+def run_serve(cfg: ServeConfig, run_dir: str | Path | None = None, ledger=None) -> ServeResult:
+    """Pipeline entry: deploy and record the stage (startup costs no model FLOPs)."""
+    start = time.time()
+    url = deploy(cfg)
+    result = ServeResult(base_url=url, app_name=cfg.app_name,
+                         models=[cfg.model_name, *cfg.adapters], startup_s=round(time.time() - start, 1))
+    if ledger is None and run_dir is not None:
+        from frugalray.budget.ledger import ComputeLedger
+
+        ledger = ComputeLedger(run_dir)
+    if ledger is not None:
+        ledger.record("serve", flops=0.0, tokens=0, wall_s=result.startup_s,
+                      produced={"base_url": url, "models": result.models})
+    return result

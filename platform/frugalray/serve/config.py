@@ -1,0 +1,161 @@
+"""The serving stage's config and its filesystem preflight (run before any Ray work)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from frugalray.config import ConfigError, StrictModel
+from frugalray.models import DEFAULT_MODEL
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+
+
+class ServeConfig(StrictModel):
+    """One served base model (plus optional LoRA adapters) behind the frugalray ingress."""
+
+    model: str = Field(DEFAULT_MODEL, description="model alias, local HF dir or HF id (resolve_model)")
+    model_name: str = Field(DEFAULT_MODEL, description="the id clients send as `model`")
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="served adapter name -> local PEFT adapter directory"
+    )
+    max_lora_rank: int = Field(16, ge=1, le=512)
+
+    app_name: str = "frugalray"
+    route_prefix: str = "/"
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=1, le=65535)
+    api_key: str | None = Field(None, description="when set, requests need `Authorization: Bearer <key>`")
+
+    # Operator ceilings: a request asking for more gets HTTP 400 naming the param.
+    max_samples_ceiling: int = Field(16, ge=1, le=256)
+    default_samples: int = Field(1, ge=1, description="samples when compute_budget omits max_samples")
+    sample_temperature: float = Field(
+        0.7, gt=0.0, le=2.0, description="temperature for self-consistency when the request sets none/0"
+    )
+    max_tokens_ceiling: int = Field(512, ge=1)
+    default_max_tokens: int = Field(128, ge=1, description="max_tokens when the request sets none")
+
+    # Engine sizing (vLLM): small by default so a shared 24 GiB machine keeps room.
+    max_model_len: int = Field(2048, ge=64)
+    kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (GiB) on CPU")
+    engine_cpus: float = Field(1.0, gt=0.0)
+    ingress_cpus: float = Field(0.25, gt=0.0)
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra vLLM engine args, e.g. {dtype: bfloat16}"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        problems = []
+        if not _NAME.match(self.model_name):
+            problems.append(f"model_name: '{self.model_name}' must be letters, digits, '.', '_' or '-'")
+        for name in self.adapters:
+            if not _NAME.match(name) or name == self.model_name:
+                problems.append(
+                    f"adapters.{name}: adapter names must be letters, digits, '.', '_' or '-' "
+                    "and differ from model_name"
+                )
+        if not self.route_prefix.startswith("/"):
+            problems.append(f"route_prefix: '{self.route_prefix}' must start with '/'")
+        if self.default_samples > self.max_samples_ceiling:
+            problems.append(
+                f"default_samples: {self.default_samples} exceeds max_samples_ceiling "
+                f"{self.max_samples_ceiling}; lower it or raise the ceiling"
+            )
+        if self.default_max_tokens > self.max_tokens_ceiling:
+            problems.append(
+                f"default_max_tokens: {self.default_max_tokens} exceeds max_tokens_ceiling "
+                f"{self.max_tokens_ceiling}"
+            )
+        if self.max_tokens_ceiling >= self.max_model_len:
+            problems.append(
+                f"max_tokens_ceiling: {self.max_tokens_ceiling} leaves no room for the prompt within "
+                f"max_model_len {self.max_model_len}; lower it or raise max_model_len"
+            )
+        reserved = {"model", "served_model_name", "enable_lora", "max_lora_rank", "lora_modules"}
+        for key in sorted(reserved & set(self.engine_kwargs)):
+            problems.append(f"engine_kwargs.{key}: set by frugalray from model/adapters; remove it")
+        if problems:
+            # ValueError inside a validator becomes a pydantic error; parse_config reports it.
+            raise ValueError("; ".join(problems))
+        return self
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    path: str
+    rank: int
+    target_modules: list[str] | str
+    lora_params: int = 0
+
+
+@dataclass
+class ResolvedServe:
+    """What preflight found on disk: the model path, its shape, the adapters."""
+
+    model_path: str
+    shape: Any  # frugalray.budget.flops.ModelShape
+    adapters: dict[str, AdapterInfo] = field(default_factory=dict)
+
+
+def read_adapter(name: str, path: str, max_rank: int) -> tuple[AdapterInfo | None, list[str]]:
+    """Check one PEFT adapter directory; return it or the problems naming `adapters.<name>`."""
+    where = f"adapters.{name}"
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return None, [f"{where}: '{path}' is not a directory; point it at a saved PEFT adapter"]
+    cfg_file = p / "adapter_config.json"
+    if not cfg_file.is_file():
+        fix = "save one with `model.save_pretrained(dir)` on a PEFT model"
+        return None, [f"{where}: '{path}' has no adapter_config.json, so it is not a PEFT adapter; {fix}"]
+    if not any((p / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        return None, [f"{where}: '{path}' has no adapter_model.safetensors/.bin weights"]
+    try:
+        adapter_cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as err:
+        return None, [f"{where}: adapter_config.json is not valid JSON ({err})"]
+    if str(adapter_cfg.get("peft_type", "LORA")).upper() != "LORA":
+        return None, [f"{where}: peft_type {adapter_cfg.get('peft_type')!r} is not LORA; vLLM serves LoRA only"]
+    rank = int(adapter_cfg.get("r", 0))
+    if rank < 1 or rank > max_rank:
+        return None, [f"{where}: LoRA rank {rank} is outside 1..max_lora_rank ({max_rank}); raise max_lora_rank"]
+    targets = adapter_cfg.get("target_modules") or "all-linear"
+    return AdapterInfo(name=name, path=str(p.resolve()), rank=rank, target_modules=targets), []
+
+
+def preflight(cfg: ServeConfig) -> ResolvedServe:
+    """Resolve the model and check every adapter; raise one ConfigError listing all problems."""
+    from frugalray.models import model_shape, resolve_model
+
+    problems: list[str] = []
+    model_path = None
+    try:
+        model_path = resolve_model(cfg.model, field="model")
+    except ConfigError as err:
+        problems.extend(err.problems)
+    adapters: dict[str, AdapterInfo] = {}
+    for name, path in cfg.adapters.items():
+        info, found = read_adapter(name, path, cfg.max_lora_rank)
+        problems.extend(found)
+        if info is not None:
+            adapters[name] = info
+    if problems:
+        raise ConfigError(problems)
+    shape = model_shape(model_path)
+    for name, info in list(adapters.items()):
+        targets = info.target_modules
+        if isinstance(targets, str) and targets != "all-linear":
+            targets = [targets]
+        try:
+            n = shape.lora_params(info.rank, targets)
+        except ValueError:
+            n = 0  # unusual target names (e.g. a regex): FLOPs then omit the small LoRA term
+        adapters[name] = AdapterInfo(info.name, info.path, info.rank, info.target_modules, n)
+    return ResolvedServe(model_path=model_path, shape=shape, adapters=adapters)

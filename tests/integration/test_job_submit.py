@@ -1,0 +1,56 @@
+"""The main job submitted with `ray job submit` to a `ray start --head` cluster on loopback.
+
+This is the end-to-end test of the whole pipeline on the embedded default (tiny sizes):
+generate -> score (Ray Data) -> select -> finetune (Ray Train, QLoRA) -> sweep (Ray Tune
+under a FLOP cap) -> serve (Ray Serve LLM + vLLM) and query, then the summary and ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from frugalray.budget.ledger import ComputeLedger
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_pipeline_via_ray_job_submit(ray_cluster, served_model, tmp_path):
+    run_dir = tmp_path / "pipeline-run"
+    # One Serve proxy per cluster: the job's app (its own name and route prefix) joins it.
+    port = served_model["config"].http_port
+    cmd = [
+        str(Path(sys.executable).parent / "ray"), "job", "submit",
+        "--address", ray_cluster["dashboard"],
+        "--working-dir", str(REPO),
+        "--", "python", "jobs/pipeline.py",
+        "--config", "jobs/configs/pipeline_small.yaml",
+        "--run-dir", str(run_dir),
+        "--set", f"serve.http_port={port}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=REPO)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "succeeded" in out, out[-3000:]
+    assert "frugalray pipeline summary" in out
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ledger = ComputeLedger(run_dir)
+    stages = ledger.totals_by_stage()
+    assert {"generate", "score", "select", "finetune", "sweep", "serve"} <= set(stages)
+    assert summary["ledger_matches_stages"], summary["ledger_mismatches"]
+    assert summary["ledger_total_flops"] == pytest.approx(sum(s["flops"] for s in stages.values()))
+    # data: nothing lost
+    assert summary["rows_kept"] + summary["rows_dropped"] == summary["rows_in"]
+    # the sweep's promise
+    assert 0 < summary["sweep_flops_spent"] <= summary["sweep_flop_cap"]
+    # the served model answered held-out questions before and after fine-tuning
+    assert summary["heldout_n"] > 0
+    assert 0.0 <= summary["heldout_accuracy_before"] <= 1.0
+    assert summary["served_usage"]["samples"] >= summary["served_answers"].__len__()
+    assert Path(summary["adapter_path"]).joinpath("adapter_config.json").is_file()

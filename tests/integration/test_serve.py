@@ -1,0 +1,206 @@
+"""The served model through the official `openai` client: answers, budgets, limits, adapters."""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from frugalray.serve.budget import extract_answer, request_flops
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+QUESTION = "What is 3 + 4? Reply with only the number."
+LONG_PROMPT = "Write a long story about a dragon who learns to bake bread."
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def client(served_model):
+    import openai
+
+    return openai.OpenAI(base_url=served_model["base_url"], api_key="unused", timeout=180, max_retries=0)
+
+
+def _chat(client, model, content, **kw):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], **kw)
+
+
+def test_served_model_comes_up(served_model):
+    print(f"\nserved model up in {served_model['startup_s']:.1f}s")
+    with urllib.request.urlopen(served_model["base_url"].removesuffix("/v1") + "/health", timeout=60) as resp:
+        assert json.loads(resp.read())["status"] == "ok"
+
+
+def test_chat_completion_answers_with_flops(client, served_model):
+    resp = _chat(client, served_model["model"], QUESTION, max_tokens=16, temperature=0)
+    assert len(resp.choices) == 1
+    assert resp.choices[0].message.content.strip()
+    usage = resp.usage
+    assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
+    assert usage.model_extra["samples"] == 1
+    assert usage.model_extra["flops"] == pytest.approx(
+        request_flops(_shape(served_model), usage.prompt_tokens, [usage.completion_tokens])
+    )
+
+
+def _shape(served_model):
+    from frugalray.models import model_shape
+
+    return model_shape(served_model["config"].model)
+
+
+def test_compute_budget_draws_samples_and_sums_tokens(client, served_model):
+    # A prompt that never stops early: every sample runs to max_tokens, so the sum is exact.
+    resp = _chat(client, served_model["model"], LONG_PROMPT, max_tokens=8,
+                 extra_body={"compute_budget": {"max_samples": 4, "answer_extractor": "exact"}})
+    usage = resp.usage.model_extra
+    assert len(resp.choices) == 1
+    assert usage["samples"] == 4
+    assert resp.usage.completion_tokens == 4 * 8
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + 32
+    assert usage["strategy"] == "self_consistency"
+    assert 0.25 <= usage["confidence"] <= 1.0
+    assert usage["flops"] == pytest.approx(request_flops(_shape(served_model), resp.usage.prompt_tokens, [8] * 4))
+
+
+def test_self_consistency_returns_a_majority_sample(client, served_model):
+    resp = _chat(client, served_model["model"], QUESTION, max_tokens=12,
+                 extra_body={"compute_budget": {"max_samples": 5, "strategy": "self_consistency"}})
+    usage = resp.usage.model_extra
+    assert usage["samples"] == 5
+    counts = usage["answer_counts"]
+    if usage["answer"] is not None:
+        assert counts[usage["answer"]] == max(counts.values())
+        assert extract_answer(resp.choices[0].message.content, "number") == usage["answer"]
+        assert usage["confidence"] == pytest.approx(counts[usage["answer"]] / 5)
+
+
+def test_greedy_budget_is_one_deterministic_sample(client, served_model):
+    budget = {"compute_budget": {"max_samples": 4, "strategy": "greedy"}}
+    first = _chat(client, served_model["model"], QUESTION, max_tokens=8, extra_body=budget)
+    again = _chat(client, served_model["model"], QUESTION, max_tokens=8, extra_body=budget)
+    usage = first.usage.model_extra
+    assert usage["samples"] == 1 and usage["strategy"] == "greedy"
+    assert usage["answer"] == extract_answer(first.choices[0].message.content, "number")
+    assert again.choices[0].message.content == first.choices[0].message.content
+
+
+def test_seeded_n_greater_than_one_does_not_kill_the_engine(client, served_model):
+    model = served_model["model"]
+    first = _chat(client, model, LONG_PROMPT, n=3, seed=7, temperature=0.9, max_tokens=6)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert first.usage.model_extra["samples"] == 3
+    # The ingress split it into seeded single-sample requests; it never reached the engine as n>1.
+    assert first.usage.model_extra["strategy"] == "seeded_fanout"
+    # Seeds still mean something: the same request gives the same samples.
+    again = _chat(client, model, LONG_PROMPT, n=3, seed=7, temperature=0.9, max_tokens=6)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in first.choices]
+    # Unseeded n>1 goes straight to the engine.
+    unseeded = _chat(client, model, LONG_PROMPT, n=2, temperature=0.9, max_tokens=6)
+    assert len(unseeded.choices) == 2
+    # The engine is alive afterwards.
+    after = _chat(client, model, QUESTION, max_tokens=8, temperature=0)
+    assert after.choices[0].message.content.strip()
+
+
+def test_over_ceiling_samples_is_a_400_naming_the_param(client, served_model):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        _chat(client, served_model["model"], QUESTION, max_tokens=4, extra_body={"compute_budget": {"max_samples": 9}})
+    assert info.value.status_code == 400
+    assert info.value.param == "compute_budget.max_samples"
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"compute_budget": {"max_sampels": 2}}, "compute_budget.max_sampels"),
+        ({"compute_budget": {"max_samples": "2"}}, "compute_budget.max_samples"),
+        ({"compute_budget": {"strategy": "beam"}}, "compute_budget.strategy"),
+        ({"compute_budget": {"max_samples": 2}, "n": 2}, "n"),
+    ],
+)
+def test_bad_requests_name_the_param(client, served_model, extra, param):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        _chat(client, served_model["model"], QUESTION, max_tokens=4, extra_body=extra)
+    assert info.value.param == param
+
+
+def test_over_ceiling_max_tokens_is_rejected(client, served_model):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        _chat(client, served_model["model"], QUESTION, max_tokens=65)
+    assert info.value.param == "max_tokens"
+
+
+def test_unknown_model_is_a_404_naming_model(client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as info:
+        _chat(client, "no-such-model", QUESTION, max_tokens=4)
+    assert info.value.param == "model"
+
+
+def test_adapter_is_listed_and_changes_answers(client, served_model):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [served_model["model"], served_model["adapter"]]
+    prompt = "Name three colors."
+    base = _chat(client, served_model["model"], prompt, max_tokens=16, temperature=0)
+    tuned = _chat(client, served_model["adapter"], prompt, max_tokens=16, temperature=0)
+    assert tuned.choices[0].message.content.strip()
+    assert tuned.model == served_model["adapter"]
+    assert tuned.choices[0].message.content != base.choices[0].message.content
+    # LoRA weights add to the per-token FLOPs.
+    assert tuned.usage.model_extra["flops"] > request_flops(
+        _shape(served_model), tuned.usage.prompt_tokens, [tuned.usage.completion_tokens]
+    )
+
+
+def test_streaming_and_completions_pass_through(client, served_model):
+    chunks = list(_chat(client, served_model["model"], QUESTION, max_tokens=8, temperature=0, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    resp = client.completions.create(model=served_model["model"], prompt="1, 2, 3, 4,", max_tokens=4, temperature=0)
+    assert resp.choices[0].text
+
+
+def test_evaluate_client_scores_rows(served_model):
+    from frugalray.serve.client import evaluate
+
+    rows = [{"prompt": QUESTION, "answer": "7"}, {"instruction": "What is 2 + 2? Reply with only the number.",
+                                                  "answer": "4"}]
+    result = evaluate(served_model["base_url"], served_model["model"], rows, max_tokens=8)
+    assert result.n == 2 and 0 <= result.correct <= 2
+    assert result.gold == ["7", "4"]
+    assert result.usage["flops"] > 0 and result.usage["samples"] == 2
+
+
+def test_shipped_serve_config_validates(monkeypatch):
+    """serve/config.yaml: a valid Serve deploy config whose args are a valid ServeConfig."""
+    from frugalray.config import parse_config
+    from frugalray.serve.config import ServeConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    data = yaml.safe_load((REPO_ROOT / "serve" / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(data)
+    (app,) = schema.applications
+    cfg = parse_config(ServeConfig, app.args)
+    assert cfg.app_name == app.name
+    assert cfg.route_prefix == app.route_prefix
+    assert cfg.http_port == schema.http_options.port
+    assert schema.http_options.host == "127.0.0.1"
+    # The import path resolves from the repository root next to Ray's own `ray.serve`.
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    from ray._common.utils import import_attr
+
+    builder = import_attr(app.import_path)
+    assert callable(builder)
+    assert sys.modules["serve.app"].__file__ == str(REPO_ROOT / "serve" / "app.py")

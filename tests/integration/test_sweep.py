@@ -1,0 +1,67 @@
+"""sweep on a real Ray Tune cluster: two LoRA configs under a cap that cannot pay for both schedules."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from frugalray.budget.ledger import ComputeLedger
+from frugalray.config import parse_config
+from frugalray.tune.sweep import SweepConfig, preflight_sweep, run_sweep, trial_cost_bounds
+
+
+def write_sum_rows(path, n: int) -> str:
+    with open(path, "w") as fh:
+        for i in range(n):
+            a, b = i % 7 + 1, i % 5 + 2
+            fh.write(json.dumps({"prompt": f"What is {a} + {b}? Reply with only the number.", "response": str(a + b)}) + "\n")
+    return str(path)
+
+
+@pytest.mark.slow
+def test_sweep_stops_at_the_flop_cap_and_reports_the_best(ray_cluster, default_model_path, tmp_path):
+    base = {
+        "model": default_model_path,
+        "data_path": write_sum_rows(tmp_path / "train.jsonl", 12),
+        "method": "lora",
+        "lora_rank": 4,
+        "batch_size": 2,
+        "seq_len": 48,
+        "eval_rows": 2,
+        "cpu_threads": 1,  # a shared 2-core CI box: 2 OpenMP threads per process thrash
+    }
+    raw = {
+        "finetune": base,
+        "search_space": {"learning_rate": [3e-3, 1e-5]},
+        "steps_per_report": 1,
+        "max_steps_per_trial": 2,
+        "flop_cap": 1.0,  # set below from the real bound
+    }
+    # A cap that pays for the first trial's full schedule (2 chunks of 1 step + eval) and
+    # one chunk of the second: the second trial must be stopped by the cap.
+    probe = parse_config(SweepConfig, {**raw, "flop_cap": 1e18})
+    data, shape, _ = preflight_sweep(probe)
+    step, evaluation = trial_cost_bounds(probe.finetune, shape, len(data.eval_rows))
+    raw["flop_cap"] = 3 * (step + evaluation) + 0.5 * step
+    cfg = parse_config(SweepConfig, raw)
+
+    run_dir = tmp_path / "run"
+    result = run_sweep(cfg, run_dir)
+
+    assert len(result.trials) == 2
+    assert all(t.error is None for t in result.trials), [t.error for t in result.trials]
+    assert result.flops_spent <= result.flops_reserved <= cfg.flop_cap
+    assert result.flops_spent == pytest.approx(sum(t.flops for t in result.trials))
+    assert sum(t.steps for t in result.trials) == 3  # 2 + 1: the cap cut the schedule short
+    assert any(t.stopped_by_cap for t in result.trials)
+    assert any(t.steps == 2 and not t.stopped_by_cap for t in result.trials)
+    assert result.best_metric is not None and math.isfinite(result.best_metric)
+    best = min((t for t in result.trials if t.metric is not None), key=lambda t: t.metric)
+    assert result.best_config == best.config
+    assert result.best_config["learning_rate"] in (3e-3, 1e-5)
+
+    (entry,) = [e for e in ComputeLedger(run_dir).entries() if e["stage"] == "sweep"]
+    assert entry["flops"] == pytest.approx(result.flops_spent)
+    assert entry["flops"] <= entry["flop_cap"] == cfg.flop_cap
+    assert entry["trials_stopped_by_cap"] >= 1

@@ -14,7 +14,6 @@ import sys
 
 from frugalray.config import ConfigError, load_config
 from frugalray.data.score import ScoreConfig, run_score
-from frugalray.ray_utils import init_ray
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         print(err, file=sys.stderr)
         return 2
 
-    # 2. Join (or start) the cluster, then score.
-    init_ray()
+    # 2. Check the data and model, then join (or start) the cluster and score (run_score does both).
     try:
         result = run_score(cfg, args.run_dir)
     except ConfigError as err:

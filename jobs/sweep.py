@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {t.config}: {cfg.metric} {metric} after {t.steps} steps, {t.flops:.3g} FLOPs{flag}{error}")
     print(
         f"best {cfg.metric} {result.best_metric} with {result.best_config}; spent {result.flops_spent:.3g} "
-        f"(reserved {result.flops_reserved:.3g}) of the {result.flop_cap:.3g} FLOP cap in {result.wall_s:.1f}s"
+        f"of the {result.flop_cap:.3g} FLOP cap in {result.wall_s:.1f}s (held {result.flops_reserved:.3g} "
+        f"in upper-bound reservations, {result.flops_released:.3g} of them handed back unspent)"
     )
     return 0
 

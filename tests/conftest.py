@@ -53,6 +53,9 @@ def ray_cluster():
 
     gcs_port, dash_port = free_port(), free_port()
     env = dict(os.environ)
+    # As for a user who ran `ray start` in the activated venv: a job entrypoint's bare `python`
+    # must be this interpreter (`make test` calls .venv/bin/python without activating).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     proc = subprocess.Popen(
         [
             ray_cli(), "start", "--head", "--block",
@@ -62,6 +65,13 @@ def ray_cluster():
             "--include-dashboard", "true",
             "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(dash_port),
+            # Ray's fixed default ports for the per-node agents collide with any other Ray
+            # cluster on the machine; a busy agent port leaves the job server with
+            # "No available agent to submit job". Free ports make the session cluster independent.
+            "--dashboard-agent-listen-port", str(free_port()),
+            "--dashboard-agent-grpc-port", str(free_port()),
+            "--metrics-export-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port()),
             "--disable-usage-stats",
         ],
         env=env,

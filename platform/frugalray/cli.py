@@ -150,14 +150,14 @@ def cmd_serve(args) -> int:
     import time
 
     from frugalray.config import parse_config, read_yaml
-    from frugalray.ray_utils import init_ray
     from frugalray.serve.app import deploy
     from frugalray.serve.config import ServeConfig
 
     apps = read_yaml(args.config).get("applications") or [{}]
     cfg = parse_config(ServeConfig, dict(apps[0].get("args") or {}), f"{args.config} applications[0].args")
-    init_ray(args.address)
-    url = deploy(cfg)
+    if args.address:
+        os.environ["RAY_ADDRESS"] = args.address
+    url = deploy(cfg)  # validates the adapters and model, then joins or starts Ray
     print(f"serving {cfg.model_name} {sorted(cfg.adapters)} at {url} (OpenAI API); Ctrl-C stops")
     try:
         while True:

@@ -28,12 +28,17 @@ def test_reserve_steps_grants_what_fits():
     assert b.refused == 1
 
 
-def test_spending_more_than_reserved_is_an_error():
+def test_settle_returns_the_unspent_part_and_rejects_overspend():
     b = FlopReservations(100.0)
-    b.reserve(10)
-    b.record_spent(9.5)
-    with pytest.raises(ValueError, match="reserved"):
-        b.record_spent(1.0)
+    assert b.reserve(60)
+    assert not b.reserve(50)
+    b.settle(60, 20)  # the chunk cost 20: 40 go back to the pot
+    assert b.spent == 20 and b.reserved == 20 and b.released == 40
+    assert b.reserve(50)  # fits now
+    with pytest.raises(ValueError, match="undercounts"):
+        b.settle(50, 51)
+    with pytest.raises(ValueError, match="never reserved"):
+        b.settle(500, 1)
 
 
 @pytest.mark.parametrize("cap", [0, -1, float("inf"), float("nan")])
@@ -42,9 +47,9 @@ def test_cap_must_be_positive_and_finite(cap):
         FlopReservations(cap)
 
 
-requests = st.lists(
+ops = st.lists(
     st.tuples(
-        st.sampled_from(["reserve", "steps"]),
+        st.sampled_from(["reserve", "steps", "settle"]),
         st.floats(min_value=1e-3, max_value=1e15, allow_nan=False, allow_infinity=False),
         st.integers(min_value=0, max_value=50),
         st.floats(min_value=0, max_value=1e14, allow_nan=False, allow_infinity=False),
@@ -55,25 +60,34 @@ requests = st.lists(
 
 
 @settings(max_examples=300, deadline=None)
-@given(cap=st.floats(min_value=1.0, max_value=1e16, allow_nan=False, allow_infinity=False), ops=requests)
+@given(cap=st.floats(min_value=1.0, max_value=1e16, allow_nan=False, allow_infinity=False), ops=ops)
 def test_no_interleaving_of_reservations_exceeds_the_cap(cap, ops):
-    """Whatever trials ask for, in any order, reserved <= cap and spent <= reserved."""
+    """Whatever trials hold and settle, in any order: open holds + spend <= cap, spend <= holds."""
     b = FlopReservations(cap)
-    for kind, flops, steps, overhead, spend_fraction in ops:
+    open_holds: list[float] = []
+    spent_total = 0.0
+    for kind, flops, steps, overhead, fraction in ops:
         before = b.reserved
+        if kind == "settle":
+            if open_holds:
+                hold = open_holds.pop(int(fraction * (len(open_holds) - 1)))
+                b.settle(hold, hold * fraction)  # a real chunk costs at most its bound
+                spent_total += hold * fraction
+            continue
         if kind == "reserve":
-            ok = b.reserve(flops)
-            granted = flops if ok else 0.0
+            granted = flops if b.reserve(flops) else 0.0
         else:
             n = b.reserve_steps(flops, steps, overhead)
             assert 0 <= n <= steps
             granted = n * flops + overhead if n else 0.0
             if n < steps:  # a partial grant means one more step would not have fit
                 assert before + (n + 1) * flops + overhead > cap * (1 - 1e-12)
+        if granted:
+            open_holds.append(granted)
         assert b.reserved == pytest.approx(before + granted)
-        assert b.reserved <= cap
-        b.record_spent(granted * spend_fraction)  # real cost is at most the bound
-        assert b.spent <= b.reserved * (1 + 1e-9)
+        assert b.reserved <= cap * (1 + 1e-12)
+        assert b.spent == pytest.approx(spent_total)
+        assert b.reserved == pytest.approx(b.spent + sum(open_holds), rel=1e-9, abs=1e-9 * cap)
 
 
 # -- config checks ----------------------------------------------------------------------

@@ -239,10 +239,12 @@ def run_finetune(cfg: FinetuneConfig, run_dir: str | Path, ledger=None) -> Finet
     from ray.train.torch import TorchTrainer
 
     from frugalray.budget.ledger import ComputeLedger
+    from frugalray.ray_utils import init_ray
 
     started = time.time()
     run_dir = Path(run_dir).resolve()
     data = preflight_finetune(cfg)
+    init_ray()  # only after every check passed (a no-op when Ray is already up)
     log.info(
         "finetune %s (%s, rank %d) on %d rows, %d eval rows, %d steps x %d workers",
         cfg.model, cfg.method, cfg.lora_rank, len(data.train_rows), len(data.eval_rows), cfg.max_steps, cfg.num_workers,

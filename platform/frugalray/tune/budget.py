@@ -5,8 +5,9 @@ small Ray actor wrapping it so that concurrent trials draw from one pot: an acto
 one method call at a time, so check-and-reserve is atomic across trials.
 
 A trial reserves an *upper bound* of what its next chunk can cost (padded batch x seq_len,
-plus the evaluation that follows), then records what it really spent. Invariant:
-spent <= reserved <= cap, at every moment and under any interleaving.
+plus the evaluation that follows), then settles: it records what it really spent and hands
+back the unspent rest, so later chunks can use it. Invariant: spent <= reserved <= cap, at
+every moment and under any interleaving (`reserved` counts settled spend plus open holds).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class FlopReservations:
         self.cap = float(cap)
         self.reserved = 0.0
         self.spent = 0.0
+        self.released = 0.0  # reserved but not spent, handed back by settle()
         self.refused = 0  # reservation requests turned down
 
     @property
@@ -52,21 +54,29 @@ class FlopReservations:
         self.reserved += steps * step_flops + overhead
         return steps
 
-    def record_spent(self, flops: float) -> None:
-        """What a reservation really cost; exceeding what was reserved is a bug in the bound."""
-        if not (flops >= 0 and math.isfinite(flops)):
-            raise ValueError(f"record_spent: flops must be finite and >= 0 (got {flops!r})")
-        if self.spent + flops > self.reserved * (1 + 1e-9):
+    def settle(self, reserved: float, spent: float) -> None:
+        """Close a hold of `reserved` FLOPs that really cost `spent`; the rest returns to the pot.
+
+        Spending more than was held means the upper bound undercounts: an error, never hidden.
+        """
+        if not (math.isfinite(spent) and math.isfinite(reserved) and 0 <= spent and 0 <= reserved):
+            raise ValueError(f"settle: need finite reserved, spent >= 0 (got {reserved!r}, {spent!r})")
+        if spent > reserved * (1 + 1e-9):
             raise ValueError(
-                f"record_spent: spent {self.spent + flops:.4g} FLOPs > reserved {self.reserved:.4g}; "
+                f"settle: spent {spent:.4g} FLOPs > the {reserved:.4g} reserved for it; "
                 "the reservation bound undercounts"
             )
-        self.spent += flops
+        if reserved > self.reserved - self.spent + 1e-9 * self.cap:
+            raise ValueError(f"settle: {reserved:.4g} FLOPs were never reserved")
+        unused = max(0.0, reserved - spent)
+        self.reserved -= unused
+        self.released += unused
+        self.spent += min(spent, reserved)
 
     def snapshot(self) -> dict[str, float]:
         return {
             "cap": self.cap, "reserved": self.reserved, "spent": self.spent,
-            "remaining": self.remaining, "refused": self.refused,
+            "remaining": self.remaining, "released": self.released, "refused": self.refused,
         }
 
 
@@ -82,8 +92,8 @@ class FlopBudget:
     def reserve_steps(self, step_flops: float, max_steps: int, overhead: float = 0.0) -> int:
         return self._state.reserve_steps(step_flops, max_steps, overhead)
 
-    def record_spent(self, flops: float) -> None:
-        self._state.record_spent(flops)
+    def settle(self, reserved: float, spent: float) -> None:
+        self._state.settle(reserved, spent)
 
     def spent(self) -> float:
         return self._state.spent

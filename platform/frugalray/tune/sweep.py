@@ -7,9 +7,10 @@
 Each trial runs the finetune training loop in-process (`LoraTrainingSession`). Before each
 chunk of `steps_per_report` steps it reserves, from one shared `FlopBudget` actor, an
 upper bound of that chunk's FLOPs plus the evaluation after it; when the reservation is
-refused (or only partly granted), the trial stops and says so (`stopped_by_cap`). The sum
-of reservations never exceeds the cap, and what is really spent never exceeds what was
-reserved, so the cap is a promise, not a target.
+refused (or only partly granted), the trial stops and says so (`stopped_by_cap`). After the
+chunk it settles: the real FLOPs stay charged and the unspent part of the hold goes back.
+Open holds plus settled spend never exceed the cap, and no chunk spends more than it held,
+so the cap is a promise, not a target.
 """
 
 from __future__ import annotations
@@ -46,6 +47,23 @@ class SweepConfig(StrictModel):
     metric: Literal["eval_loss", "train_loss"] = "eval_loss"
     mode: Literal["min", "max"] = "min"
     max_concurrent_trials: int = Field(1, ge=1)
+    # fifo: every trial runs its schedule until the cap refuses it (what the sweep always did);
+    # asha: Tune's ASHA with FLOPs as time_attr; marginal: MarginalGainScheduler (tune/marginal.py).
+    scheduler: Literal["fifo", "asha", "marginal"] = "fifo"
+    # FLOPs a trial may spend before asha / marginal may stop it; None: two report chunks
+    # (steps_per_report steps + an evaluation, at the costliest config's upper bound).
+    grace_period_flops: float | None = Field(None, gt=0)
+    # marginal: a trial stops when its expected gain per FLOP falls below this rate (metric
+    # units per FLOP), or, with "auto", below the best rate available elsewhere.
+    stop_rate: float | Literal["auto"] = "auto"
+    asha_reduction_factor: float = Field(3.0, gt=1)
+
+    @field_validator("stop_rate")
+    @classmethod
+    def _rate_not_negative(cls, rate: float | str) -> float | str:
+        if rate != "auto" and rate < 0:
+            raise ValueError("must be 'auto' or a number >= 0 (metric units per FLOP)")
+        return rate
 
     @field_validator("search_space")
     @classmethod
@@ -79,7 +97,10 @@ class SweepResult(BaseModel):
     metric: str
     mode: str
     flops_spent: float
+    # Upper-bound holds taken over the sweep; their sum may pass the cap because unspent
+    # parts (flops_released) return to the pot and are held again. Open holds + spend <= cap.
     flops_reserved: float
+    flops_released: float
     flop_cap: float
     min_trial_flops: float
     trials: list[TrialSummary]
@@ -128,7 +149,47 @@ def preflight_sweep(cfg: SweepConfig):
             f"raise flop_cap to at least {min_cost:.4g}"
         )
         raise ConfigError([message])
+    if cfg.scheduler != "fifo":
+        grace, _ = scheduler_flops(cfg, shape, len(data.eval_rows))
+        if grace > cfg.flop_cap:
+            field = "grace_period_flops" if cfg.grace_period_flops is not None else "flop_cap"
+            message = (
+                f"{field}: the {cfg.scheduler} scheduler's grace period ({grace:.4g} FLOPs) exceeds "
+                f"flop_cap ({cfg.flop_cap:.4g}); no trial could finish it. Raise flop_cap to at least "
+                f"{grace:.4g} or lower grace_period_flops"
+            )
+            raise ConfigError([message])
     return data, shape, min_cost
+
+
+def scheduler_flops(cfg: SweepConfig, shape, eval_rows: int) -> tuple[float, float]:
+    """(grace period, max FLOPs of one trial) in FLOPs, from the costliest config's upper bounds."""
+    chunks = math.ceil(cfg.max_steps_per_trial / cfg.steps_per_report)
+    grace_default, max_trial = 0.0, 0.0
+    for combo in trial_configs(cfg):
+        variant = FinetuneConfig.model_validate({**cfg.finetune.model_dump(), **combo})
+        step, evaluation = trial_cost_bounds(variant, shape, eval_rows)
+        chunk = min(cfg.steps_per_report, cfg.max_steps_per_trial) * step + evaluation
+        grace_default = max(grace_default, min(2, chunks) * chunk)
+        max_trial = max(max_trial, cfg.max_steps_per_trial * step + chunks * evaluation)
+    grace = cfg.grace_period_flops if cfg.grace_period_flops is not None else grace_default
+    return grace, max(max_trial, grace)
+
+
+def make_scheduler(cfg: SweepConfig, shape, eval_rows: int):
+    """The Tune scheduler that `cfg.scheduler` names (None: Tune's default FIFO)."""
+    if cfg.scheduler == "fifo":
+        return None
+    grace, max_trial = scheduler_flops(cfg, shape, eval_rows)
+    if cfg.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        return ASHAScheduler(time_attr="flops", max_t=max_trial, grace_period=grace,
+                             reduction_factor=cfg.asha_reduction_factor)
+    from frugalray.tune.scheduler import MarginalGainScheduler
+
+    return MarginalGainScheduler(flop_cap=cfg.flop_cap, grace_flops=grace, max_trial_flops=max_trial,
+                                 stop_rate=cfg.stop_rate, time_attr="flops")
 
 
 def sweep_trial(
@@ -163,7 +224,7 @@ def sweep_trial(
     steps, flops, reserved, tokens = 0, 0.0, 0.0, 0
     while True:
         wanted = min(steps_per_report, max_steps - steps)
-        reserved += granted * step_bound + eval_bound
+        held = granted * step_bound + eval_bound
         chunk_flops, losses = 0.0, []
         for _ in range(granted):
             stats = session.step()
@@ -175,7 +236,9 @@ def sweep_trial(
         if evaluation is not None:
             chunk_flops += evaluation.flops
             tokens += evaluation.tokens
-        ray.get(budget.record_spent.remote(chunk_flops))
+        # Hand back what the padded upper bound over-reserved, so other chunks can use it.
+        ray.get(budget.settle.remote(held, chunk_flops))
+        reserved += held
         flops += chunk_flops
         stopped_by_cap = granted < wanted
         train_loss = sum(losses) / len(losses)
@@ -209,12 +272,14 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path, ledger=None) -> SweepResult
     from ray import tune
 
     from frugalray.budget.ledger import ComputeLedger
+    from frugalray.ray_utils import init_ray
     from frugalray.train.loop import default_threads
     from frugalray.tune.budget import create_flop_budget
 
     started = time.time()
     run_dir = Path(run_dir).resolve()
-    data, _shape, min_cost = preflight_sweep(cfg)
+    data, shape, min_cost = preflight_sweep(cfg)
+    init_ray()  # only after every check passed (a no-op when Ray is already up)
     budget_name = f"frugalray-flop-budget-{uuid.uuid4().hex[:8]}"
     budget = None
     try:
@@ -246,6 +311,7 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path, ledger=None) -> SweepResult
                 mode=cfg.mode,
                 num_samples=cfg.num_samples,
                 max_concurrent_trials=cfg.max_concurrent_trials,
+                scheduler=make_scheduler(cfg, shape, len(data.eval_rows)),
             ),
             run_config=tune.RunConfig(
                 storage_path=str(run_dir / "ray_tune"), name=f"sweep-{int(started)}", verbose=1
@@ -283,7 +349,8 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path, ledger=None) -> SweepResult
         metric=cfg.metric,
         mode=cfg.mode,
         flops_spent=flops_spent,
-        flops_reserved=float(totals["reserved"]),
+        flops_reserved=float(totals["reserved"] + totals["released"]),
+        flops_released=float(totals["released"]),
         flop_cap=cfg.flop_cap,
         min_trial_flops=min_cost,
         trials=trials,
@@ -300,6 +367,7 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path, ledger=None) -> SweepResult
         produced={"best_config": result.best_config, "best_metric": result.best_metric},
         flop_cap=cfg.flop_cap,
         flops_reserved=result.flops_reserved,
+        flops_released=result.flops_released,
         budget_actor_spent=float(totals["spent"]),
         trials=len(trials),
         trials_stopped_by_cap=sum(t.stopped_by_cap for t in trials),

@@ -1,0 +1,158 @@
+"""`MarginalGainScheduler`: Ray Tune's scheduler interface over the pure `MarginalGainPolicy`.
+
+    scheduler = MarginalGainScheduler(flop_cap=6e12, grace_flops=1.5e12, max_trial_flops=3e12)
+    tune.Tuner(trainable, tune_config=tune.TuneConfig(metric="eval_loss", mode="min", scheduler=scheduler))
+
+FLOPs are the time axis: each result must carry the trial's cumulative FLOPs under
+`time_attr` (default "flops", what `sweep_trial` reports). The hard cap is held by the
+trials' FlopBudget reservations; the scheduler mirrors the spend to decide:
+
+- on_trial_result -> CONTINUE / STOP (PAUSE only when `pausable`, i.e. the trainable
+  checkpoints; `sweep_trial` does not, so by default a pause becomes a stop);
+- choose_trial_to_run -> admission control: a pending trial starts only while the budget
+  pays for its grace period; when nothing runs and no pending trial is admissible or worth
+  starting, the pending trials are stopped so that the sweep ends instead of waiting.
+
+This module imports Ray (the base class) at import time; the control logic itself is in
+`frugalray.tune.marginal` and is unit-tested without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from typing import TYPE_CHECKING, Literal
+
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import TrialScheduler
+
+from frugalray.tune.marginal import Decision, MarginalGainPolicy, MarginalGainSettings
+
+if TYPE_CHECKING:
+    from ray.tune.execution.tune_controller import TuneController
+
+log = logging.getLogger(__name__)
+
+
+class MarginalGainScheduler(TrialScheduler):
+    def __init__(
+        self,
+        flop_cap: float,
+        grace_flops: float,
+        max_trial_flops: float | None = None,
+        stop_rate: float | Literal["auto"] = "auto",
+        time_attr: str = "flops",
+        metric: str | None = None,
+        mode: Literal["min", "max"] | None = None,
+        pausable: bool = False,
+        **policy_options,
+    ):
+        super().__init__()
+        self._time_attr = time_attr
+        self._metric = metric
+        self._mode = mode
+        self._settings_kwargs = dict(
+            flop_cap=flop_cap, grace_flops=grace_flops, max_trial_flops=max_trial_flops,
+            stop_rate=stop_rate, pausable=pausable, **policy_options,
+        )
+        # Fail at construction on bad numbers (cap < grace, ...), not at the first trial.
+        MarginalGainSettings(**self._settings_kwargs, mode=mode or "min")
+        self.policy: MarginalGainPolicy | None = None
+        self._stop_requested: set[str] = set()
+        self._num_stopped = 0
+
+    # -- Tune wiring ----------------------------------------------------------------------
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
+        if (self._metric and metric) or (self._mode and mode):
+            return False
+        if metric:
+            self._metric = metric
+        if mode:
+            self._mode = mode
+        return True
+
+    def _ensure_policy(self) -> MarginalGainPolicy:
+        if self.policy is None:
+            if not self._metric or self._mode not in ("min", "max"):
+                raise ValueError(
+                    f"MarginalGainScheduler needs metric and mode ('min' or 'max'); got metric={self._metric!r}, "
+                    f"mode={self._mode!r}: pass them to tune.TuneConfig or to the scheduler"
+                )
+            self.policy = MarginalGainPolicy(MarginalGainSettings(**self._settings_kwargs, mode=self._mode))
+        return self.policy
+
+    def on_trial_add(self, tune_controller: TuneController, trial: Trial) -> None:
+        self._ensure_policy().trial_added(trial.trial_id)
+
+    def on_trial_result(self, tune_controller: TuneController, trial: Trial, result: dict) -> str:
+        policy = self._ensure_policy()
+        if self._time_attr not in result or self._metric not in result:
+            return TrialScheduler.CONTINUE
+        state = policy.trials[trial.trial_id]
+        flops = max(float(result[self._time_attr]), state.spent)  # restored trials may repeat a result
+        decision = policy.trial_result(trial.trial_id, flops, result[self._metric])
+        if decision == Decision.CONTINUE:
+            return TrialScheduler.CONTINUE
+        if decision == Decision.PAUSE and policy.s.pausable:
+            return TrialScheduler.PAUSE
+        self._num_stopped += 1
+        return TrialScheduler.STOP
+
+    def on_trial_complete(self, tune_controller: TuneController, trial: Trial, result: dict) -> None:
+        policy = self._ensure_policy()
+        if result and self._time_attr in result and self._metric in result:
+            state = policy.trials[trial.trial_id]
+            flops = float(result[self._time_attr])
+            if flops > state.spent:  # a last result Tune did not pass to on_trial_result
+                state.spent = state.requested = flops
+                state.granted = max(state.granted, flops)
+        policy.trial_finished(trial.trial_id, "completed")
+
+    def on_trial_error(self, tune_controller: TuneController, trial: Trial) -> None:
+        self._ensure_policy().trial_finished(trial.trial_id, "error")
+
+    def on_trial_remove(self, tune_controller: TuneController, trial: Trial) -> None:
+        self._ensure_policy().trial_finished(trial.trial_id, "removed")
+
+    def choose_trial_to_run(self, tune_controller: TuneController) -> Trial | None:
+        policy = self._ensure_policy()
+        trials = {t.trial_id: t for t in tune_controller.get_trials()}
+        # Admitted in an earlier call but not started yet: offer it again (must be idempotent).
+        for tid, trial in trials.items():
+            if trial.status == Trial.PENDING and tid in policy.trials and policy.trials[tid].status == "running":
+                return trial
+        chosen = policy.choose_next()
+        if chosen is not None and chosen in trials:
+            state = policy.trials[chosen]
+            if state.status == "pending" and policy.admit(chosen):
+                return trials[chosen]
+            if state.status == "paused" and trials[chosen].status == Trial.PAUSED:
+                policy.trial_resumed(chosen)
+                return trials[chosen]
+        running = any(t.status == Trial.RUNNING for t in trials.values())
+        if not running:
+            # Nothing runs and nothing left is worth (or affordable) starting: end the sweep.
+            for tid, trial in trials.items():
+                if trial.status in (Trial.PENDING, Trial.PAUSED) and tid not in self._stop_requested:
+                    self._stop_requested.add(tid)
+                    reason = "budget below grace period" if not policy.can_admit() else "predicted gain below lambda"
+                    log.info("not starting trial %s: %s", tid, reason)
+                    tune_controller.request_stop_trial(trial)
+        return None
+
+    def debug_string(self) -> str:
+        if self.policy is None:
+            return "Using MarginalGainScheduler (no trials yet)."
+        p = self.policy
+        return (
+            f"Using MarginalGainScheduler: {p.spent:.3g} of {p.s.flop_cap:.3g} FLOPs spent, "
+            f"{self._num_stopped} trials stopped early"
+        )
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.__dict__, fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:
+            self.__dict__.update(pickle.load(fh))

@@ -1,0 +1,138 @@
+"""MarginalGainScheduler's mapping of Tune callbacks onto the policy, with fake trials (no cluster)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("ray.tune")
+
+from frugalray.config import ConfigError, parse_config
+from frugalray.tune.scheduler import MarginalGainScheduler
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import TrialScheduler
+
+G = 1e9
+
+
+class FakeController:
+    def __init__(self, trials):
+        self.trials = trials
+        self.stop_requests = []
+
+    def get_trials(self):
+        return list(self.trials)
+
+    def request_stop_trial(self, trial):
+        self.stop_requests.append(trial.trial_id)
+
+
+def fake_trial(tid):
+    return SimpleNamespace(trial_id=tid, status=Trial.PENDING)
+
+
+def make(cap=1e3 * G, grace=2 * G, **kw):
+    sched = MarginalGainScheduler(flop_cap=cap, grace_flops=grace, **kw)
+    assert sched.set_search_properties("eval_loss", "min")
+    return sched
+
+
+def test_results_map_to_continue_then_stop_with_flops_as_the_time_axis():
+    sched = make(stop_rate=0.1 / G)
+    trial = fake_trial("a")
+    ctl = FakeController([trial])
+    sched.on_trial_add(ctl, trial)
+    assert sched.choose_trial_to_run(ctl) is trial
+    assert sched.choose_trial_to_run(ctl) is trial  # idempotent until Tune starts it
+    trial.status = Trial.RUNNING
+    decisions = []
+    for k in range(1, 30):
+        # 1 + 10 (c/G)^-1: the hand-worked stop of test_marginal_policy is at 10 G.
+        result = {"flops": k * G, "eval_loss": 1 + 10 / k, "training_iteration": k}
+        decisions.append(sched.on_trial_result(ctl, trial, result))
+        if decisions[-1] != TrialScheduler.CONTINUE:
+            break
+    assert decisions[-1] == TrialScheduler.STOP and len(decisions) == 10
+    sched.on_trial_complete(ctl, trial, result)
+    assert sched.policy.trials["a"].status == "stopped"
+
+
+def test_results_without_the_time_attr_or_metric_are_ignored():
+    sched = make(stop_rate=1.0)
+    trial = fake_trial("a")
+    ctl = FakeController([trial])
+    sched.on_trial_add(ctl, trial)
+    sched.choose_trial_to_run(ctl)
+    assert sched.on_trial_result(ctl, trial, {"eval_loss": 1.0}) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(ctl, trial, {"flops": 5 * G}) == TrialScheduler.CONTINUE
+    assert sched.policy.trials["a"].spent == 0
+
+
+def test_admission_control_stops_pending_trials_the_cap_cannot_start():
+    sched = make(cap=5 * G, grace=2 * G)
+    trials = [fake_trial(t) for t in "abc"]
+    ctl = FakeController(trials)
+    for t in trials:
+        sched.on_trial_add(ctl, t)
+    a = sched.choose_trial_to_run(ctl)
+    a.status = Trial.RUNNING
+    b = sched.choose_trial_to_run(ctl)
+    assert (a.trial_id, b.trial_id) == ("a", "b")
+    b.status = Trial.RUNNING
+    assert sched.choose_trial_to_run(ctl) is None  # 1 G left < 2 G grace; others still run
+    assert ctl.stop_requests == []
+    for t in (a, b):
+        sched.on_trial_result(ctl, t, {"flops": 2 * G, "eval_loss": 2.0})
+        sched.on_trial_complete(ctl, t, {"flops": 2 * G, "eval_loss": 2.0})
+        t.status = Trial.TERMINATED
+    # 4 G spent, 1 G left: "c" can never finish its grace period, so it is stopped, once.
+    assert sched.choose_trial_to_run(ctl) is None and sched.choose_trial_to_run(ctl) is None
+    assert ctl.stop_requests == ["c"]
+
+
+def test_pause_becomes_stop_unless_the_trainable_can_resume():
+    for pausable, expected in ((False, TrialScheduler.STOP), (True, TrialScheduler.PAUSE)):
+        sched = make(cap=1e5 * G, grace=3 * G, initial_trials=2, max_trial_flops=200 * G, pausable=pausable)
+        trials = [fake_trial(t) for t in ("slow", "worse", "new")]
+        ctl = FakeController(trials)
+        for t in trials:
+            sched.on_trial_add(ctl, t)
+        curves = {"slow": lambda c: 0.5 + (c / G) ** -0.2, "worse": lambda c: 1.5 + (c / G) ** -0.5}
+        for t in trials[:2]:
+            assert sched.choose_trial_to_run(ctl) is t
+            t.status = Trial.RUNNING
+            for k in (1, 2):
+                sched.on_trial_result(ctl, t, {"flops": k * G, "eval_loss": curves[t.trial_id](k * G)})
+        seen = []
+        for k in range(3, 60):
+            seen.append(sched.on_trial_result(ctl, trials[0], {"flops": k * G, "eval_loss": curves["slow"](k * G)}))
+            if seen[-1] != TrialScheduler.CONTINUE:
+                break
+        if pausable:
+            assert seen[-1] == expected
+        else:  # the best trial is protected while it improves: it is never paused or stopped here
+            assert set(seen) == {TrialScheduler.CONTINUE}
+
+
+def test_missing_metric_or_mode_is_refused_when_trials_arrive():
+    sched = MarginalGainScheduler(flop_cap=10 * G, grace_flops=G)
+    with pytest.raises(ValueError, match="metric and mode"):
+        sched.on_trial_add(FakeController([]), fake_trial("a"))
+    with pytest.raises(ValueError, match="grace_flops"):
+        MarginalGainScheduler(flop_cap=G, grace_flops=2 * G)
+
+
+def test_sweep_config_scheduler_field_defaults_to_fifo_and_rejects_unknown_names():
+    from frugalray.tune.sweep import SweepConfig
+
+    base = {"finetune": {"data_path": "x.jsonl"}, "flop_cap": 1e12}
+    cfg = parse_config(SweepConfig, base)
+    assert cfg.scheduler == "fifo" and cfg.stop_rate == "auto" and cfg.grace_period_flops is None
+    assert parse_config(SweepConfig, {**base, "scheduler": "marginal", "stop_rate": 1e-12}).stop_rate == 1e-12
+    with pytest.raises(ConfigError, match="scheduler"):
+        parse_config(SweepConfig, {**base, "scheduler": "hyperband"})
+    with pytest.raises(ConfigError, match="stop_rate"):
+        parse_config(SweepConfig, {**base, "stop_rate": -1})
+    with pytest.raises(ConfigError, match="mode"):
+        parse_config(SweepConfig, {**base, "mode": "maximize"})

@@ -123,6 +123,10 @@ def test_over_ceiling_samples_is_a_400_naming_the_param(client, served_model):
         ({"compute_budget": {"max_samples": "2"}}, "compute_budget.max_samples"),
         ({"compute_budget": {"strategy": "beam"}}, "compute_budget.strategy"),
         ({"compute_budget": {"max_samples": 2}, "n": 2}, "n"),
+        ({"compute_budget": {"strategy": "auto", "confidence": 2}}, "compute_budget.confidence"),
+        ({"compute_budget": {"answer_extractor": "regex"}}, "compute_budget.answer_regex"),
+        # FLOPs for less than one token of this prompt: refused before anything is generated
+        ({"compute_budget": {"strategy": "adaptive_consistency", "max_flops": 1000}}, "compute_budget.max_flops"),
     ],
 )
 def test_bad_requests_name_the_param(client, served_model, extra, param):
@@ -131,6 +135,77 @@ def test_bad_requests_name_the_param(client, served_model, extra, param):
     with pytest.raises(openai.BadRequestError) as info:
         _chat(client, served_model["model"], QUESTION, max_tokens=4, extra_body=extra)
     assert info.value.param == param
+
+
+def test_adaptive_consistency_stops_early_on_an_easy_prompt(client, served_model):
+    # Counting is easy even for a 135M model: at low temperature the samples agree, so the
+    # first round of 3 settles it (15/16 >= 0.9). (A chat question is not easy enough: the
+    # model often writes "3 + 4 = " and runs out of tokens.) Also covers /v1/completions.
+    resp = client.completions.create(
+        model=served_model["model"], prompt="1, 2, 3, 4, 5, 6, 7,", max_tokens=2, temperature=0.1,
+        extra_body={"compute_budget": {"strategy": "adaptive_consistency", "max_samples": 8,
+                                       "round_size": 3, "confidence": 0.9}},
+    )
+    usage = resp.usage.model_extra
+    assert usage["strategy"] == "adaptive_consistency"
+    assert usage["samples"] < 8 and usage["stopped_early"] is True, usage
+    assert usage["stop_reason"] in ("confident", "window_agrees")
+    assert usage["confidence"] >= 0.9
+    assert extract_answer(resp.choices[0].text, "number") == usage["answer"]
+    assert resp.choices[0].logprobs is None  # asked for internally, not returned unasked
+    # FLOPs: the prompt once per round (a conservative count under prefix caching) plus every
+    # generated token, at a context between the prompt and the prompt plus max_tokens.
+    from frugalray.budget.flops import forward_flops_per_token
+
+    p, tokens = resp.usage.prompt_tokens, resp.usage.prompt_tokens * usage["rounds"] + resp.usage.completion_tokens
+    shape = _shape(served_model)
+    assert forward_flops_per_token(shape, p) * tokens <= usage["flops"] <= forward_flops_per_token(shape, p + 2) * tokens
+
+
+def test_adaptive_budgets_are_never_exceeded(client, served_model):
+    # A prompt whose samples never agree (exact answers of a story) and an unreachable confidence:
+    # only the FLOP and token budgets can stop it.
+    prompt_tokens = _chat(client, served_model["model"], LONG_PROMPT, max_tokens=1, temperature=0).usage.prompt_tokens
+    shape = _shape(served_model)
+    # room for 4 full samples in round 1 and one more in round 2, not for a third prefill
+    max_flops = request_flops(shape, prompt_tokens, [6] * 5, prompt_passes=2)
+    resp = _chat(client, served_model["model"], LONG_PROMPT, max_tokens=6,
+                 extra_body={"compute_budget": {"strategy": "adaptive_consistency", "max_samples": 8,
+                                                "round_size": 4, "confidence": 1.0, "max_flops": max_flops,
+                                                "answer_extractor": "exact"}})
+    usage = resp.usage.model_extra
+    assert usage["flops"] <= max_flops
+    assert usage["stop_reason"] == "max_flops" and usage["stopped_early"] is False
+    assert usage["budget"]["max_flops"] == pytest.approx(max_flops)
+    # a summed-token budget smaller than the samples would need
+    resp = _chat(client, served_model["model"], LONG_PROMPT, max_tokens=6,
+                 extra_body={"compute_budget": {"strategy": "auto", "max_samples": 8, "confidence": 1.0,
+                                                "max_completion_tokens": 15, "answer_extractor": "exact"}})
+    assert resp.usage.completion_tokens <= 15
+    assert resp.usage.model_extra["samples"] <= 3
+
+
+@pytest.mark.parametrize("strategy", ["best_of_n", "cascade", "auto"])
+def test_other_adaptive_strategies_answer_within_budget(client, served_model, strategy):
+    resp = _chat(client, served_model["model"], QUESTION, max_tokens=6,
+                 extra_body={"compute_budget": {"strategy": strategy, "max_samples": 4, "round_size": 2}})
+    usage = resp.usage.model_extra
+    assert usage["strategy"] == strategy
+    assert 1 <= usage["samples"] <= 4 and resp.usage.completion_tokens <= 4 * 6
+    assert 0.0 <= usage["confidence"] <= 1.0
+    assert resp.choices[0].message.content is not None
+
+
+def test_seeded_adaptive_request_is_reproducible_and_safe(client, served_model):
+    budget = {"compute_budget": {"strategy": "adaptive_consistency", "max_samples": 4, "round_size": 2,
+                                 "confidence": 1.0, "answer_extractor": "exact"}}
+    first = _chat(client, served_model["model"], LONG_PROMPT, max_tokens=5, seed=11, temperature=0.9,
+                  extra_body=budget)
+    again = _chat(client, served_model["model"], LONG_PROMPT, max_tokens=5, seed=11, temperature=0.9,
+                  extra_body=budget)
+    assert first.usage.model_extra["samples"] == 4
+    assert first.usage.model_extra["prompt_passes"] == 4  # one seeded request per sample, never n>1 + seed
+    assert again.choices[0].message.content == first.choices[0].message.content
 
 
 def test_over_ceiling_max_tokens_is_rejected(client, served_model):

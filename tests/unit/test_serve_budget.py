@@ -14,6 +14,7 @@ from frugalray.serve.budget import (
     majority_vote,
     parse_request,
     request_flops,
+    samples_from_choices,
 )
 from frugalray.serve.config import ServeConfig, read_adapter
 
@@ -45,7 +46,33 @@ def test_extract_exact_normalizes_case_space_and_edge_punctuation():
     assert extract_answer('"New   York"', "exact") == "new york"
     assert extract_answer(" ... ", "exact") is None
     with pytest.raises(ValueError, match="answer_extractor"):
-        extract_answer("x", "regex")  # type: ignore[arg-type]
+        extract_answer("x", "regex")  # a regex without a pattern
+    with pytest.raises(ValueError, match="answer_extractor"):
+        extract_answer("x", "xml")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The answer is (c).", "C"),
+        ("Answer: E", "E"),
+        ("B) Paris", "B"),
+        ("C", "C"),
+        ("A dog. I pick (D)", "D"),
+        ("I think it's C", "C"),
+        ("no letter here", None),
+    ],
+)
+def test_extract_choice(text, expected):
+    assert extract_answer(text, "choice") == expected
+
+
+def test_extract_regex_takes_group_one_of_the_last_match_and_times_out_safely():
+    assert extract_answer("final: 3 ... final: 42 apples", "regex", r"final:\s*(\d+)") == "42"
+    assert extract_answer("say  yes  please", "regex", r"yes\s+please") == "yes please"
+    assert extract_answer("nothing", "regex", r"\d+") is None
+    # catastrophic backtracking gives up (None) instead of hanging the ingress
+    assert extract_answer("a" * 5000 + "!", "regex", r"(a+)+$") is None
 
 
 def test_majority_vote_counts_and_share():
@@ -85,7 +112,21 @@ def test_request_within_ceilings_parses():
         ({"compute_budget": {"max_samples": 4.0}}, "compute_budget.max_samples"),
         ({"compute_budget": {"max_sample": 4}}, "compute_budget.max_sample"),
         ({"compute_budget": {"strategy": "beam"}}, "compute_budget.strategy"),
-        ({"compute_budget": {"answer_extractor": "regex"}}, "compute_budget.answer_extractor"),
+        ({"compute_budget": {"answer_extractor": "xml"}}, "compute_budget.answer_extractor"),
+        ({"compute_budget": {"answer_extractor": "regex"}}, "compute_budget.answer_regex"),
+        ({"compute_budget": {"answer_regex": "\\d+"}}, "compute_budget.answer_regex"),
+        ({"compute_budget": {"answer_extractor": "regex", "answer_regex": "("}}, "compute_budget.answer_regex"),
+        ({"compute_budget": {"answer_extractor": "regex", "answer_regex": "x" * 201}}, "compute_budget.answer_regex"),
+        ({"compute_budget": {"strategy": "adaptive"}}, "compute_budget.strategy"),
+        ({"compute_budget": {"confidence": 0}}, "compute_budget.confidence"),
+        ({"compute_budget": {"confidence": 1.5}}, "compute_budget.confidence"),
+        ({"compute_budget": {"confidence": "0.9"}}, "compute_budget.confidence"),
+        ({"compute_budget": {"max_flops": 0}}, "compute_budget.max_flops"),
+        ({"compute_budget": {"max_flops": True}}, "compute_budget.max_flops"),
+        ({"compute_budget": {"round_size": 9}}, "compute_budget.round_size"),
+        ({"compute_budget": {"round_size": 0}}, "compute_budget.round_size"),
+        ({"compute_budget": {"max_completion_tokens": 8 * 64 + 1}}, "compute_budget.max_completion_tokens"),
+        ({"compute_budget": {"max_completion_tokens": 2.5}}, "compute_budget.max_completion_tokens"),
         ({"compute_budget": 4}, "compute_budget"),
         ({"n": 9}, "n"),
         ({"max_tokens": 65}, "max_tokens"),
@@ -101,6 +142,22 @@ def test_request_errors_name_the_param(body, param):
     assert err.param == param
     assert err.body()["error"]["param"] == param
     assert param in err.message
+
+
+def test_adaptive_budget_fields_parse():
+    req = parse_request(
+        {"compute_budget": {"strategy": "adaptive_consistency", "max_samples": 8, "max_completion_tokens": 100,
+                            "max_flops": 5e11, "confidence": 0.9, "round_size": 2, "answer_extractor": "regex",
+                            "answer_regex": r"= (\d+)"}},
+        max_samples_ceiling=8, max_tokens_ceiling=64,
+    )
+    budget = req.compute_budget
+    assert (budget.strategy, budget.round_size, budget.confidence) == ("adaptive_consistency", 2, 0.9)
+    assert budget.max_flops == 5e11 and budget.max_completion_tokens == 100
+    # an integer FLOP budget is fine; the other strategies parse too
+    for strategy in ("best_of_n", "cascade", "auto", "greedy", "self_consistency"):
+        req = parse_request({"compute_budget": {"strategy": strategy, "max_flops": 10**12}}, 8, 64)
+        assert req.compute_budget.strategy == strategy
 
 
 def test_over_ceiling_message_says_it_is_the_servers_ceiling():
@@ -132,6 +189,7 @@ def test_budget_usage_sums_tokens_and_reports_samples():
     assert usage["samples"] == 3
     assert usage["confidence"] == pytest.approx(2 / 3)
     assert usage["flops"] == pytest.approx(request_flops(SHAPE, 10, [3, 4, 5]))
+    assert usage["stopped_early"] is False
     assert "flops" not in budget_usage(None, 10, [3], "greedy", 1.0)
 
 
@@ -150,6 +208,9 @@ def test_serve_config_defaults_and_typos():
     "data, needle",
     [
         ({"default_samples": 20, "max_samples_ceiling": 8}, "default_samples"),
+        ({"default_adaptive_samples": 20, "max_samples_ceiling": 8}, "default_adaptive_samples"),
+        ({"stop_rule": "gamma"}, "stop_rule"),
+        ({"default_confidence": 0}, "default_confidence"),
         ({"max_tokens_ceiling": 4096, "max_model_len": 2048}, "max_tokens_ceiling"),
         ({"adapters": {"smollm2-135m-instruct": "/x"}}, "adapters.smollm2-135m-instruct"),
         ({"route_prefix": "api"}, "route_prefix"),
@@ -203,3 +264,33 @@ def test_preflight_collects_every_adapter_problem(tmp_path):
         preflight(cfg)
     text = "\n".join(info.value.problems)
     assert "model:" in text and "adapters.a:" in text and "adapters.b:" in text
+
+
+# --- engine choices -> stopping-policy samples --------------------------------------------
+
+
+def _chat_choice(text, logprobs):
+    return {"index": 0, "message": {"role": "assistant", "content": text},
+            "logprobs": {"content": [{"token": "t", "logprob": lp} for lp in logprobs]}}
+
+
+def test_samples_from_chat_choices_count_tokens_and_average_logprobs():
+    choices = [_chat_choice("It is 7.", [-0.1, -0.3]), _chat_choice("8", [-1.0, -2.0, -3.0])]
+    samples = samples_from_choices(choices, [5], "number")  # one round total: the logprobs give each count
+    assert [(s.answer, s.completion_tokens) for s in samples] == [("7", 2), ("8", 3)]
+    assert samples[0].mean_logprob == pytest.approx(-0.2)
+    assert samples[1].mean_logprob == pytest.approx(-2.0)
+
+
+def test_samples_from_completion_choices_and_fallbacks():
+    completion = {"index": 0, "text": " B) yes", "logprobs": {"tokens": ["a"], "token_logprobs": [float("-inf"), -1.0]}}
+    (sample,) = samples_from_choices([completion], [2], "choice")
+    assert sample.answer == "B" and sample.completion_tokens == 2
+    assert sample.mean_logprob == pytest.approx((-1e4 - 1.0) / 2)  # -inf is clipped, not a NaN mean
+    # without logprobs: the round total is spread evenly; no score
+    bare = [{"index": i, "text": "5"} for i in range(3)]
+    samples = samples_from_choices(bare, [7])
+    assert [s.completion_tokens for s in samples] == [3, 2, 2]
+    assert all(s.mean_logprob is None for s in samples)
+    # one total per choice (seeded single-sample requests) is taken as is
+    assert [s.completion_tokens for s in samples_from_choices(bare, [1, 2, 3])] == [1, 2, 3]

@@ -80,11 +80,17 @@ def build_app(cfg: ServeConfig, resolved: ResolvedServe | None = None):
         "model_name": cfg.model_name,
         "adapters": {name: a.lora_params for name, a in resolved.adapters.items()},
         "shape": resolved.shape,
+        "model_path": resolved.model_path,
         "max_samples_ceiling": cfg.max_samples_ceiling,
         "max_tokens_ceiling": cfg.max_tokens_ceiling,
         "default_samples": cfg.default_samples,
         "default_max_tokens": cfg.default_max_tokens,
         "sample_temperature": cfg.sample_temperature,
+        "default_adaptive_samples": cfg.default_adaptive_samples,
+        "default_confidence": cfg.default_confidence,
+        "default_round_size": cfg.default_round_size,
+        "agreement_window": cfg.agreement_window,
+        "stop_rule": cfg.stop_rule,
         "api_key": cfg.api_key,
     }
     ingress = serve.deployment(
@@ -106,7 +112,10 @@ def deploy(cfg: ServeConfig, blocking: bool = False) -> str:
     """
     from ray import serve
 
+    from frugalray.ray_utils import init_ray
+
     resolved = preflight(cfg)  # config problems surface before any Ray work
+    init_ray()
     serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
     app = build_app(cfg, resolved)
     start = time.time()

@@ -1,13 +1,34 @@
 """Per-request compute budgets: the pure logic behind the serving ingress.
 
 A request may carry `compute_budget` (outside OpenAI's spec; the openai client sends it
-through `extra_body`):
+through `extra_body`), e.g.
 
-    {"max_samples": 4, "strategy": "self_consistency", "answer_extractor": "number"}
+    {"strategy": "adaptive_consistency", "max_samples": 8, "confidence": 0.95,
+     "round_size": 4, "max_completion_tokens": 256, "max_flops": 1e12, "answer_extractor": "number"}
 
-- `self_consistency`: draw `max_samples` samples, extract an answer from each, return a
-  sample whose answer is the majority one (Wang et al. 2022).
-- `greedy`: one deterministic decode (temperature 0); `max_samples` is ignored.
+Fields (all optional; the operator's ServeConfig sets the defaults and the ceilings):
+
+- `strategy`:
+  - `self_consistency` (default): one request for `max_samples` samples, majority vote (Wang et al. 2022).
+  - `greedy`: one deterministic decode (temperature 0); `max_samples` is ignored.
+  - `adaptive_consistency`: rounds of `round_size` samples; stop once the posterior probability
+    that the leading answer stays the leader reaches `confidence` (Aggarwal et al. 2023).
+  - `best_of_n`: rounds of samples; return the one with the best mean token log-probability and
+    stop once exp(mean logprob) of the best reaches `confidence`.
+  - `cascade`: greedy first; escalate to adaptive_consistency only if exp(mean logprob) of the
+    greedy decode is below `confidence`.
+  - `auto`: one sampled probe; its token confidence sets how many more samples the prompt gets.
+  (the stopping rules live in frugalray.serve.stopping)
+- `max_samples`: samples at most (<= the server's max_samples_ceiling).
+- `max_completion_tokens`: completion tokens at most, summed over all samples.
+- `max_flops`: forward FLOPs at most (frugalray.budget.flops; prompt prefill counted per round).
+- `confidence`: the stopping threshold in (0, 1].
+- `round_size`: samples per engine request in the adaptive strategies.
+- `answer_extractor`: `number` | `regex` (with `answer_regex`, group 1 or the whole match) |
+  `exact` | `choice` (a multiple-choice letter A-J).
+
+The adaptive strategies never exceed max_samples, max_completion_tokens or max_flops: each
+round is sized for its worst case before it is sent.
 
 Everything here is plain Python (no Ray, no vLLM) so it is unit-tested on its own: request
 validation with limits in the types, answer extraction, majority voting and the FLOP and
@@ -16,18 +37,23 @@ usage arithmetic.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from frugalray.budget.flops import ModelShape, forward_flops_per_token
+from frugalray.serve.stopping import Sample
 
-Strategy = Literal["self_consistency", "greedy"]
-AnswerKind = Literal["number", "exact"]
+Strategy = Literal["self_consistency", "greedy", "adaptive_consistency", "best_of_n", "cascade", "auto"]
+AnswerKind = Literal["number", "regex", "exact", "choice"]
+# Strategies driven round by round by a frugalray.serve.stopping policy.
+ADAPTIVE_STRATEGIES = ("adaptive_consistency", "best_of_n", "cascade", "auto")
+MAX_ANSWER_REGEX_CHARS = 200
 
 
 class RequestError(Exception):
@@ -53,9 +79,38 @@ class ComputeBudget(BaseModel):
     # strict: "4" or 4.0 or true for max_samples is a client bug, not something to coerce.
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    max_samples: int | None = Field(None, ge=1, description="samples to draw; None = server default")
+    max_samples: int | None = Field(None, ge=1, description="samples to draw at most; None = server default")
     strategy: Strategy = "self_consistency"
     answer_extractor: AnswerKind = "number"
+    max_completion_tokens: int | None = Field(None, ge=1, description="completion tokens summed over samples")
+    max_flops: float | None = Field(None, gt=0, allow_inf_nan=False, description="forward FLOPs of the request")
+    confidence: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False,
+                                     description="stopping threshold; None = server default")
+    round_size: int | None = Field(None, ge=1, description="samples per round; None = server default")
+    answer_regex: str | None = Field(None, min_length=1, max_length=MAX_ANSWER_REGEX_CHARS,
+                                     validate_default=True, description="pattern for answer_extractor=regex (group 1 or whole match)")
+
+    @field_validator("max_flops", "confidence", mode="before")
+    @classmethod
+    def _no_bool(cls, value: Any) -> Any:
+        # strict floats still take ints (fine) but must not take True/False
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not a boolean")  # noqa: TRY004 - pydantic reports ValueError
+        return value
+
+    @field_validator("answer_regex", mode="after")
+    @classmethod
+    def _regex_compiles(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("answer_extractor") == "regex":
+            raise ValueError("answer_extractor='regex' needs a pattern in answer_regex")
+        if value is not None:
+            try:
+                _compile_answer_regex(value)
+            except Exception as err:  # noqa: BLE001 - any compile error is the client's
+                raise ValueError(f"not a valid regular expression ({err})") from None
+            if info.data.get("answer_extractor") != "regex":
+                raise ValueError("only used with answer_extractor='regex'; set it or drop answer_regex")
+        return value
 
 
 @lru_cache(maxsize=16)
@@ -67,6 +122,8 @@ def request_model(max_samples_ceiling: int, max_tokens_ceiling: int) -> type[Bas
 
     class BoundedComputeBudget(ComputeBudget):
         max_samples: int | None = Field(None, ge=1, le=max_samples_ceiling)
+        max_completion_tokens: int | None = Field(None, ge=1, le=max_samples_ceiling * max_tokens_ceiling)
+        round_size: int | None = Field(None, ge=1, le=max_samples_ceiling)
 
     class BudgetedRequest(BaseModel):
         model_config = ConfigDict(extra="allow")
@@ -125,12 +182,57 @@ def normalize_number(token: str) -> str | None:
     return format(value.normalize(), "f")
 
 
-def extract_answer(text: str | None, kind: AnswerKind = "number") -> str | None:
+_CHOICE_STATED = re.compile(r"answer\s*(?:is|:)?\s*[:\-]?\s*\(?([A-J])\)?(?![A-Za-z])", re.IGNORECASE)
+_CHOICE_LEADING = re.compile(r"^\s*\(?([A-J])(?:[).:]|\s*$)")
+_CHOICE_PAREN = re.compile(r"\(([A-J])\)")
+_CHOICE_BARE = re.compile(r"(?<![A-Za-z'])([A-J])(?![A-Za-z'])")
+# A client's regex runs on the server: bound its time so a pathological pattern cannot hang
+# the ingress (the `regex` module, a transformers dependency, supports a timeout).
+REGEX_TIMEOUT_S = 0.05
+
+
+def _compile_answer_regex(pattern: str):
+    return _compiled_regex(pattern)
+
+
+@lru_cache(maxsize=256)
+def _compiled_regex(pattern: str):
+    import regex
+
+    return regex.compile(pattern)
+
+
+def _extract_choice(text: str) -> str | None:
+    for rule, pick in ((_CHOICE_STATED, -1), (_CHOICE_LEADING, 0), (_CHOICE_PAREN, -1), (_CHOICE_BARE, -1)):
+        found = rule.findall(text)
+        if found:
+            return found[pick].upper()
+    return None
+
+
+def _extract_regex(text: str, pattern: str) -> str | None:
+    try:
+        found = list(_compiled_regex(pattern).finditer(text, timeout=REGEX_TIMEOUT_S))
+    except TimeoutError:
+        return None
+    if not found:
+        return None
+    match = found[-1]
+    value = match.group(1) if match.re.groups >= 1 else match.group(0)
+    cleaned = " ".join((value or "").strip().split())
+    return cleaned or None
+
+
+def extract_answer(text: str | None, kind: AnswerKind = "number", pattern: str | None = None) -> str | None:
     """The answer a completion commits to, or None when it commits to none.
 
     number: the last number in the text (after a GSM8K-style `####` when present),
             normalized so that "1,000", "1000.0" and "1000" compare equal.
+    regex:  the last match of `pattern`: its group 1 when it has groups, else the whole
+            match, whitespace collapsed (matching gives up after REGEX_TIMEOUT_S: None).
     exact:  the whole text, trimmed of edge punctuation, lower-cased, whitespace collapsed.
+    choice: a multiple-choice letter A-J, upper-cased: a stated answer ("answer is (C)"),
+            else a leading marked one ("B) ...", "C."), else the last "(X)", else the last lone letter.
     """
     if text is None:
         return None
@@ -141,7 +243,13 @@ def extract_answer(text: str | None, kind: AnswerKind = "number") -> str | None:
     if kind == "exact":
         cleaned = " ".join(text.strip(_EDGE_PUNCT).lower().split())
         return cleaned or None
-    raise ValueError(f"answer_extractor: unknown kind {kind!r}; use 'number' or 'exact'")
+    if kind == "choice":
+        return _extract_choice(text)
+    if kind == "regex":
+        if not pattern:
+            raise ValueError("answer_extractor 'regex' needs a pattern (answer_regex)")
+        return _extract_regex(text, pattern)
+    raise ValueError(f"answer_extractor: unknown kind {kind!r}; use 'number', 'regex', 'exact' or 'choice'")
 
 
 def majority_vote(answers: list[str | None]) -> tuple[str | None, float, dict[str, int]]:
@@ -156,6 +264,49 @@ def majority_vote(answers: list[str | None]) -> tuple[str | None, float, dict[st
     first_seen = {a: i for i, a in reversed(list(enumerate(answers))) if a is not None}
     winner = max(counts, key=lambda a: (counts[a], -first_seen[a]))
     return winner, counts[winner] / len(answers), dict(counts)
+
+
+# --- engine responses -> policy samples ----------------------------------------------------
+
+
+def choice_text(choice: dict[str, Any]) -> str | None:
+    if "message" in choice:
+        return (choice.get("message") or {}).get("content")
+    return choice.get("text")
+
+
+def token_logprobs(choice: dict[str, Any]) -> list[float] | None:
+    """The sampled tokens' logprobs of a chat or completions choice, when the engine sent them."""
+    logprobs = choice.get("logprobs")
+    if not logprobs:
+        return None
+    if "content" in logprobs:  # chat
+        return [t.get("logprob") for t in logprobs.get("content") or []]
+    return list(logprobs.get("token_logprobs") or [])  # completions
+
+
+def samples_from_choices(choices: list[dict[str, Any]], totals: list[int], kind: AnswerKind = "number",
+                         pattern: str | None = None) -> list[Sample]:
+    """Stopping-policy samples from one engine response's choices.
+
+    Per-sample token counts come from the logprobs (one entry per generated token); without
+    them, the round's total is spread evenly (`totals` is per choice or one round total).
+    """
+    if len(totals) == len(choices):
+        fallback = list(totals)
+    else:
+        base, extra = divmod(sum(totals), max(len(choices), 1))
+        fallback = [base + (1 if i < extra else 0) for i in range(len(choices))]
+    samples = []
+    for choice, spread in zip(choices, fallback):
+        logprobs = token_logprobs(choice)
+        finite = [lp for lp in (logprobs or []) if isinstance(lp, (int, float)) and not math.isnan(lp)]
+        samples.append(Sample(
+            answer=extract_answer(choice_text(choice), kind, pattern),
+            completion_tokens=len(logprobs) if logprobs is not None and len(totals) != len(choices) else spread,
+            mean_logprob=(sum(max(lp, -1e4) for lp in finite) / len(finite)) if finite else None,
+        ))
+    return samples
 
 
 # --- FLOPs and usage -----------------------------------------------------------------------
@@ -176,7 +327,7 @@ def request_flops(shape: ModelShape, prompt_tokens: int, completion_tokens: list
 
 def budget_usage(shape: ModelShape | None, prompt_tokens: int, completion_tokens: list[int],
                  strategy: str, confidence: float | None, lora_params: int = 0,
-                 prompt_passes: int = 1) -> dict[str, Any]:
+                 prompt_passes: int = 1, stopped_early: bool = False) -> dict[str, Any]:
     """OpenAI `usage`, extended with what the compute budget bought."""
     total_completion = sum(completion_tokens)
     usage: dict[str, Any] = {
@@ -186,6 +337,7 @@ def budget_usage(shape: ModelShape | None, prompt_tokens: int, completion_tokens
         "samples": len(completion_tokens),
         "strategy": strategy,
         "confidence": confidence,
+        "stopped_early": stopped_early,
     }
     if shape is not None:
         usage["flops"] = request_flops(shape, prompt_tokens, completion_tokens, lora_params, prompt_passes)

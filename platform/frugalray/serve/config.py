@@ -6,7 +6,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -38,6 +38,19 @@ class ServeConfig(StrictModel):
     sample_temperature: float = Field(
         0.7, gt=0.0, le=2.0, description="temperature for self-consistency when the request sets none/0"
     )
+    # Defaults of the adaptive strategies (compute_budget.strategy adaptive_consistency,
+    # best_of_n, cascade, auto; see frugalray.serve.stopping) when the request omits them.
+    default_adaptive_samples: int | None = Field(
+        None, ge=1, description="max_samples of the adaptive strategies when omitted; None = the ceiling"
+    )
+    default_confidence: float = Field(0.95, gt=0.0, le=1.0, description="stopping threshold")
+    default_round_size: int = Field(4, ge=1, description="samples per engine request in a round")
+    agreement_window: int = Field(
+        0, ge=0, description="adaptive_consistency also stops when this many samples in a row agree; 0 = off"
+    )
+    stop_rule: Literal["beta", "dirichlet"] = Field(
+        "beta", description="posterior of the leading answer: exact Beta (leader vs runner-up) or Dirichlet MC"
+    )
     max_tokens_ceiling: int = Field(512, ge=1)
     default_max_tokens: int = Field(128, ge=1, description="max_tokens when the request sets none")
 
@@ -66,6 +79,11 @@ class ServeConfig(StrictModel):
         if self.default_samples > self.max_samples_ceiling:
             problems.append(
                 f"default_samples: {self.default_samples} exceeds max_samples_ceiling "
+                f"{self.max_samples_ceiling}; lower it or raise the ceiling"
+            )
+        if self.default_adaptive_samples is not None and self.default_adaptive_samples > self.max_samples_ceiling:
+            problems.append(
+                f"default_adaptive_samples: {self.default_adaptive_samples} exceeds max_samples_ceiling "
                 f"{self.max_samples_ceiling}; lower it or raise the ceiling"
             )
         if self.default_max_tokens > self.max_tokens_ceiling:

@@ -5,6 +5,11 @@ deployment handle with `.options(stream=True).chat.remote(request)`) and adds:
 
 - per-request compute budgets (`compute_budget`, see frugalray.serve.budget): several
   samples and a majority vote, with `usage` extended by samples, summed tokens and FLOPs;
+- adaptive strategies (adaptive_consistency, best_of_n, cascade, auto): a pure stopping
+  policy (frugalray.serve.stopping) plans each round within the budget; every round is a
+  separate engine request of n=round_size with no seed (the prompt's KV blocks are reused
+  through vLLM's prefix caching, on by default), and `usage` adds `stopped_early`, the stop
+  reason, rounds and the final confidence;
 - operator ceilings enforced in the request types (HTTP 400 naming the `param`);
 - an engine guard: on vLLM-CPU a request with `n>1` and a per-request `seed` kills the
   whole engine (`CPU Generator does not use offset` -> EngineDeadError), so such a request
@@ -27,6 +32,7 @@ from ray import serve
 from starlette.responses import JSONResponse, StreamingResponse
 
 from frugalray.serve.budget import (
+    ADAPTIVE_STRATEGIES,
     ComputeBudget,
     RequestError,
     budget_usage,
@@ -34,6 +40,7 @@ from frugalray.serve.budget import (
     majority_vote,
     parse_request,
     request_flops,
+    samples_from_choices,
     validation_to_request_error,
 )
 
@@ -59,6 +66,7 @@ class FrugalIngress:
         # Seeded generation runs one engine request at a time: the CPU sampler's seeded
         # generators are what the engine-killing path touches.
         self._seeded_lock = asyncio.Lock()
+        self._tokenizer = None  # loaded on the first request with a FLOP budget
 
     # --- routes -------------------------------------------------------------------------
 
@@ -220,12 +228,14 @@ class FrugalIngress:
     async def _budgeted(self, kind: str, payload: dict[str, Any], budget: ComputeBudget,
                         seed: int | None) -> dict[str, Any]:
         model = payload["model"]
+        if budget.strategy in ADAPTIVE_STRATEGIES:
+            return await self._adaptive(kind, payload, budget, seed)
         if budget.strategy == "greedy":
             one = dict(payload, n=1, temperature=0.0)
             one.pop("seed", None)  # greedy needs no seed, and an unseeded request is the safe one
             result = await self._call(kind, one)
             usage = result["usage"]
-            answer = extract_answer(_choice_text(result["choices"][0]), budget.answer_extractor)
+            answer = extract_answer(_choice_text(result["choices"][0]), budget.answer_extractor, budget.answer_regex)
             result["usage"] = budget_usage(
                 self._s.get("shape"), usage["prompt_tokens"], [usage["completion_tokens"]], "greedy",
                 1.0 if answer is not None else 0.0, self._lora_params(model),
@@ -252,7 +262,7 @@ class FrugalIngress:
             prompt_tokens = result["usage"]["prompt_tokens"]
             completions = [r["usage"]["completion_tokens"] for r in responses]
             passes = k
-        answers = [extract_answer(_choice_text(c), budget.answer_extractor) for c in choices]
+        answers = [extract_answer(_choice_text(c), budget.answer_extractor, budget.answer_regex) for c in choices]
         winner, share, counts = majority_vote(answers)
         pick = answers.index(winner) if winner is not None else 0
         result["choices"] = [dict(choices[pick], index=0)]
@@ -262,6 +272,127 @@ class FrugalIngress:
         )
         result["usage"]["answer"] = winner
         result["usage"]["answer_counts"] = counts
+        return result
+
+    # --- adaptive strategies -------------------------------------------------------------
+
+    async def _count_prompt_tokens(self, kind: str, payload: dict[str, Any]) -> int:
+        """Prompt tokens under the served model's tokenizer and chat template, before generating.
+
+        Ray Serve LLM's `LLMServer.tokenize` would be exact, but with vLLM 0.32 it answers
+        "This model does not support the 'tokenization' task" (Ray reads
+        `state.openai_serving_tokenization`, vLLM now sets `state.serving_tokenization`), so
+        the ingress tokenizes with the model's own HF tokenizer. The engine's count replaces
+        it (if larger) after the first round.
+        """
+        path = self._s.get("model_path")
+        if path is None:
+            raise RequestError("compute_budget.max_flops: this server cannot count prompt tokens",
+                               param="compute_budget.max_flops")
+        if self._tokenizer is None:
+            from frugalray.models import load_tokenizer
+
+            self._tokenizer = await asyncio.to_thread(load_tokenizer, path)
+        tokenizer = self._tokenizer
+
+        def count() -> int:
+            if kind == "chat":
+                ids = tokenizer.apply_chat_template(payload["messages"], add_generation_prompt=True, tokenize=True)
+                if not isinstance(ids, list):  # a BatchEncoding (transformers 5 returns a dict by default)
+                    ids = ids["input_ids"]
+                return len(ids)
+            return len(tokenizer(payload["prompt"]).input_ids)
+
+        try:
+            return await asyncio.to_thread(count)
+        except Exception as err:  # noqa: BLE001 - a prompt the template cannot render is the client's
+            raise RequestError(f"messages: cannot render the prompt to count its tokens ({err})",
+                               param="messages" if kind == "chat" else "prompt") from None
+
+    async def _adaptive(self, kind: str, payload: dict[str, Any], budget: ComputeBudget,
+                        seed: int | None) -> dict[str, Any]:
+        """Sample in rounds planned by a stopping policy; return the sample it picks."""
+        from frugalray.serve.stopping import Limits, make_policy
+
+        s = self._s
+        model = payload["model"]
+        shape = s.get("shape")
+        lora = self._lora_params(model)
+        if kind == "completions" and not isinstance(payload.get("prompt"), str):
+            raise RequestError(f"prompt: strategy {budget.strategy} needs one string prompt", param="prompt")
+        if budget.max_flops is not None and shape is None:
+            raise RequestError("compute_budget.max_flops: this server cannot count FLOPs (no model shape)",
+                               param="compute_budget.max_flops")
+        self._validated(kind, dict(payload, n=1))  # a bad request fails here, before any work
+        per_sample = payload.pop("max_completion_tokens", None) or payload["max_tokens"]
+        max_samples = budget.max_samples or s.get("default_adaptive_samples") or s["max_samples_ceiling"]
+        limits = Limits(max_samples=max_samples, max_tokens=per_sample,
+                        max_completion_tokens=budget.max_completion_tokens, max_flops=budget.max_flops)
+        seeded = seed is not None
+        prompt = {"tokens": 0}
+        if budget.max_flops is not None:
+            # The first round's worst case needs the prompt length before anything is generated.
+            prompt["tokens"] = await self._count_prompt_tokens(kind, payload)
+
+        def flops_of(completions: list[int], rounds: int) -> float:
+            # Seeded samples run one request each, so each pays its own prefill.
+            passes = len(completions) if seeded else rounds
+            return request_flops(shape, prompt["tokens"], completions, lora, passes)
+
+        round_size = min(budget.round_size or s.get("default_round_size", 4), max_samples)
+        policy = make_policy(
+            budget.strategy, limits, flops_of if shape is not None else None,
+            confidence=budget.confidence or s.get("default_confidence", 0.95),
+            round_size=round_size,
+            window=s.get("agreement_window", 0), rule=s.get("stop_rule", "beta"),
+        )
+        asked = payload.get("logprobs")
+        wants_logprobs = asked is not None and asked is not False  # completions' logprobs=0 is a request
+        temperature = payload.get("temperature") or s["sample_temperature"]
+        choices: list[dict[str, Any]] = []
+        last: dict[str, Any] | None = None
+        while (plan := policy.next_round()) is not None:
+            round_payload = dict(payload, max_tokens=plan.max_tokens,
+                                 temperature=0.0 if plan.greedy else temperature)
+            round_payload.pop("seed", None)
+            if not wants_logprobs:
+                # per-sample token counts and the mean token logprob the policies score
+                round_payload["logprobs"] = True if kind == "chat" else 0
+            if seeded and not plan.greedy:
+                # never n>1 with a seed (it kills vLLM-CPU's engine): one seeded request per sample
+                responses = [await self._call(kind, dict(round_payload, n=1, seed=seed + len(choices) + i))
+                             for i in range(plan.n)]
+                got = [r["choices"][0] for r in responses]
+                totals = [r["usage"]["completion_tokens"] for r in responses]
+                last = responses[-1]
+            else:
+                last = await self._call(kind, dict(round_payload, n=plan.n))
+                got = sorted(last["choices"], key=lambda c: c.get("index", 0))
+                totals = [last["usage"]["completion_tokens"]]
+            prompt["tokens"] = max(prompt["tokens"], int(last["usage"]["prompt_tokens"]))
+            samples = samples_from_choices(got, totals, budget.answer_extractor, budget.answer_regex)
+            policy.observe(samples)
+            choices.extend(got)
+        outcome = policy.outcome()
+        if outcome.pick is None or last is None:
+            param = f"compute_budget.{policy.reason}" if policy.reason in (
+                "max_flops", "max_completion_tokens") else "compute_budget"
+            raise RequestError(f"{param}: the budget does not cover a single sample of this prompt; raise it",
+                               param=param)
+        completions = [smp.completion_tokens for smp in policy.samples]
+        chosen = dict(choices[outcome.pick], index=0)
+        if not wants_logprobs:
+            chosen["logprobs"] = None
+        result = dict(last, choices=[chosen])
+        passes = len(completions) if seeded else outcome.rounds
+        result["usage"] = budget_usage(shape, prompt["tokens"], completions, budget.strategy, outcome.confidence,
+                                       lora, prompt_passes=passes, stopped_early=outcome.stopped_early)
+        result["usage"].update(
+            answer=outcome.answer, answer_counts=outcome.answer_counts, rounds=outcome.rounds,
+            prompt_passes=passes, stop_reason=outcome.reason,
+            budget={"max_samples": limits.max_samples, "max_completion_tokens": limits.max_completion_tokens,
+                    "max_flops": limits.max_flops, "confidence": policy.confidence, "round_size": round_size},
+        )
         return result
 
     def _lora_params(self, model: str) -> int:

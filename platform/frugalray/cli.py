@@ -149,12 +149,10 @@ def cmd_serve(args) -> int:
     """Deploy the first application of a Serve config file and keep it up until Ctrl-C."""
     import time
 
-    from frugalray.config import parse_config, read_yaml
     from frugalray.serve.app import deploy
-    from frugalray.serve.config import ServeConfig
+    from frugalray.serve.config import load_serve_config
 
-    apps = read_yaml(args.config).get("applications") or [{}]
-    cfg = parse_config(ServeConfig, dict(apps[0].get("args") or {}), f"{args.config} applications[0].args")
+    cfg = load_serve_config(args.config)
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
     url = deploy(cfg)  # validates the adapters and model, then joins or starts Ray

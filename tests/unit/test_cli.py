@@ -105,3 +105,13 @@ def test_data_generate_writes_labelled_noise(tmp_path):
     rows = [json.loads(line) for line in out_path.read_text().splitlines()]
     assert len(rows) == 20
     assert sum(r["noise_kind"] != "none" for r in rows) == 5
+
+
+def test_serve_job_rejects_a_missing_adapter_before_ray():
+    env = dict(os.environ, RAY_ADDRESS="127.0.0.1:1", HF_HUB_OFFLINE="1")
+    out = subprocess.run(
+        [sys.executable, "jobs/serve.py", "--config", "serve/config.yaml", "--set", "adapters.mine=/no/such/adapter"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "adapters.mine" in out.stderr and "PEFT adapter" in out.stderr

@@ -177,3 +177,12 @@ def preflight(cfg: ServeConfig) -> ResolvedServe:
             n = 0  # unusual target names (e.g. a regex): FLOPs then omit the small LoRA term
         adapters[name] = AdapterInfo(info.name, info.path, info.rank, info.target_modules, n)
     return ResolvedServe(model_path=model_path, shape=shape, adapters=adapters)
+
+
+def load_serve_config(path: str, overrides: list[str] | None = None) -> ServeConfig:
+    """The `args:` of the first application in a Serve config file (serve/config.yaml) as a ServeConfig."""
+    from frugalray.config import apply_overrides, parse_config, read_yaml
+
+    apps = read_yaml(path).get("applications") or [{}]
+    data = apply_overrides(dict(apps[0].get("args") or {}), overrides)
+    return parse_config(ServeConfig, data, f"{path} applications[0].args")

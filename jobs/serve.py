@@ -1,0 +1,44 @@
+"""Ray Job: deploy the Serve application (Ray Serve LLM + vLLM behind the frugalray ingress).
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/serve.py --config serve/config.yaml
+
+The application outlives this driver (Serve runs detached on the cluster): the job exits
+once the engine answers, printing the OpenAI base URL. `serve run serve/config.yaml` and
+`frugalray serve` do the same in the foreground.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from frugalray.config import ConfigError
+from frugalray.serve.app import deploy
+from frugalray.serve.config import load_serve_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="serve/config.yaml", help="a Serve config file (applications[0].args)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an args key")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    # 1. Validate the application's args (model, adapters, ceilings) before any Ray work.
+    try:
+        cfg = load_serve_config(args.config, args.set)
+        # 2. Join (or start) the cluster and deploy; returns when the engine is up.
+        url = deploy(cfg)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+
+    # 3. Summary.
+    print(f"serving {cfg.model_name} and adapters {sorted(cfg.adapters)} at {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

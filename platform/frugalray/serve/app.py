@@ -117,11 +117,52 @@ def deploy(cfg: ServeConfig, blocking: bool = False) -> str:
     resolved = preflight(cfg)  # config problems surface before any Ray work
     init_ray()
     serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
-    app = build_app(cfg, resolved)
-    start = time.time()
-    serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
-    log.info("serve app %r up in %.1fs at %s", cfg.app_name, time.time() - start, base_url_for(cfg))
-    return base_url_for(cfg)
+    url = base_url_for(cfg)
+    for attempt in range(cfg.adapter_check_redeploys + 1):
+        start = time.time()
+        serve.run(build_app(cfg, resolved), name=cfg.app_name, route_prefix=cfg.route_prefix)
+        log.info("serve app %r up in %.1fs at %s", cfg.app_name, time.time() - start, url)
+        inert = inert_adapters(url, cfg)
+        if not inert:
+            break
+        log.warning("adapter(s) %s answer exactly like the base model: vLLM is not applying them "
+                    "(attempt %d); redeploying", inert, attempt + 1)
+        serve.delete(cfg.app_name, _blocking=True)
+    else:
+        raise RuntimeError(
+            f"adapters {inert} had no effect on the served model after {cfg.adapter_check_redeploys + 1} "
+            "deployments (their next-token log-probabilities equal the base model's); check that they are "
+            "trained (a fresh PEFT adapter is a no-op) or set adapter_check_redeploys: 0 to serve them anyway"
+        )
+    if blocking:
+        while True:
+            time.sleep(3600)
+    return url
+
+
+ADAPTER_PROBE = "The capital of France is"
+
+
+def inert_adapters(base_url: str, cfg: ServeConfig) -> list[str]:
+    """Adapters whose top next-token log-probabilities equal the base model's on a probe prompt."""
+    if not cfg.adapters or cfg.adapter_check_redeploys == 0:
+        return []
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key=cfg.api_key or "unused", timeout=120, max_retries=2)
+
+    def top_logprobs(model: str) -> dict[str, float]:
+        resp = client.completions.create(model=model, prompt=ADAPTER_PROBE, max_tokens=1, temperature=0, logprobs=5)
+        return dict(resp.choices[0].logprobs.top_logprobs[0])
+
+    base = top_logprobs(cfg.model_name)
+    inert = []
+    for name in cfg.adapters:
+        tuned = top_logprobs(name)
+        same_tokens = set(tuned) == set(base)
+        if same_tokens and all(abs(tuned[t] - base[t]) < 1e-4 for t in base):
+            inert.append(name)
+    return inert
 
 
 def shutdown_app(app_name: str) -> None:

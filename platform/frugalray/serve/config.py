@@ -55,6 +55,10 @@ class ServeConfig(StrictModel):
     default_max_tokens: int = Field(128, ge=1, description="max_tokens when the request sets none")
 
     # Engine sizing (vLLM): small by default so a shared 24 GiB machine keeps room.
+    # After deploying, probe every adapter: if its next-token distribution equals the base
+    # model's, vLLM is not applying it (seen intermittently on vLLM-CPU), so redeploy up to
+    # this many times, then fail loudly rather than serve the base model under the adapter's name.
+    adapter_check_redeploys: int = Field(2, ge=0, le=5)
     max_model_len: int = Field(2048, ge=64)
     kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (GiB) on CPU")
     engine_cpus: float = Field(1.0, gt=0.0)

@@ -178,10 +178,18 @@ def load_tokenizer(path_or_id: str):
     return tokenizer
 
 
-def load_causal_lm(path_or_id: str, quantize_4bit: bool = False, dtype: str = "float32", **kwargs: Any):
+def load_causal_lm(
+    path_or_id: str,
+    quantize_4bit: bool = False,
+    dtype: str = "float32",
+    compute_dtype: str = "bfloat16",
+    **kwargs: Any,
+):
     """Load a causal LM; `quantize_4bit` gives bitsandbytes NF4 with double quantization.
 
-    Quant storage is bf16 so FSDP can shard the packed 4-bit weights like any bf16 tensor.
+    Quant storage is bf16 so FSDP can shard the packed 4-bit weights like any bf16 tensor;
+    `compute_dtype` is what 4-bit layers dequantize into for their matmuls (use float32 on
+    CPUs without native bf16, where bf16 matmuls are emulated and many times slower).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -194,7 +202,7 @@ def load_causal_lm(path_or_id: str, quantize_4bit: bool = False, dtype: str = "f
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
             bnb_4bit_quant_storage=torch.bfloat16,
         )
         kwargs["quantization_config"] = quant

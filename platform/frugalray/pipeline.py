@@ -87,7 +87,6 @@ class StagePlan:
         sweep = dict(cfg.sweep)
         sweep["finetune"] = {**finetune, **sweep.get("finetune", {})}
         self.sweep = stage("sweep", SweepConfig, sweep)
-        self.serve_section = dict(cfg.serve)
         self.serve = stage("serve", ServeConfig, {"model": cfg.model, **cfg.serve})
         try:
             model_path = resolve_model(cfg.model, field="model")

@@ -111,16 +111,14 @@ class LoraTrainingSession:
         self.lora_params = lora_param_count(self.shape, int(cfg["lora_rank"]), cfg["target_modules"])
 
         self.tokenizer = load_tokenizer(model_path)
-        model = load_causal_lm(model_path, quantize_4bit=(self.method == "qlora"))
-        if self.method == "qlora":
+        quantized = self.method == "qlora"
+        self.compute_dtype = resolve_compute_dtype(cfg.get("compute_dtype", "auto")) if quantized else "float32"
+        model = load_causal_lm(model_path, quantize_4bit=quantized, compute_dtype=self.compute_dtype)
+        if quantized:
             from peft import prepare_model_for_kbit_training
 
             # No gradient checkpointing: the FLOP accounting assumes one forward per step.
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-            self.compute_dtype = resolve_compute_dtype(cfg.get("compute_dtype", "auto"))
-            self._set_4bit_compute_dtype(model, getattr(torch, self.compute_dtype))
-        else:
-            self.compute_dtype = "float32"
         lora = LoraConfig(
             r=int(cfg["lora_rank"]),
             lora_alpha=float(cfg["lora_alpha"]),
@@ -156,16 +154,6 @@ class LoraTrainingSession:
         self._rng = random.Random(int(cfg["seed"]))
         self._order: list[int] = []
         self.steps_done = 0
-
-    @staticmethod
-    def _set_4bit_compute_dtype(model: Any, dtype: Any) -> None:
-        """The dtype 4-bit layers dequantize into for their matmuls (storage stays 4-bit)."""
-        import bitsandbytes as bnb
-
-        for module in model.modules():
-            if isinstance(module, bnb.nn.Linear4bit):
-                module.compute_dtype = dtype
-                module.compute_type_is_set = True
 
     # -- data -------------------------------------------------------------------------
     def _next_global_batch(self) -> list[int]:

@@ -36,6 +36,7 @@ EPILOG = """examples:
   frugalray pipeline --config jobs/configs/pipeline.yaml
   frugalray serve --config serve/config.yaml   # OpenAI-compatible API on 127.0.0.1:8000
   frugalray ledger runs/pipeline               # FLOPs spent per stage
+  frugalray report runs/pipeline               # runs/pipeline/report.md with plots
 """
 
 
@@ -87,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ledger = sub.add_parser("ledger", help="print the FLOPs a run spent, per stage")
     ledger.add_argument("run_dir")
+
+    report = sub.add_parser("report", help="write RUN_DIR/report.md with plots: FLOPs by stage, data kept/dropped, "
+                                           "loss vs FLOPs, sweep frontier, serving accuracy vs compute")
+    report.add_argument("run_dir", help="a run directory holding ledger.jsonl (e.g. runs/pipeline)")
+    report.add_argument("--no-plots", action="store_true", help="Markdown tables only")
     return parser
 
 
@@ -188,6 +194,19 @@ def cmd_ledger(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from frugalray.report import write_report
+
+    try:
+        path = write_report(args.run_dir, plots=not args.no_plots)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(path.read_text())
+    print(f"report written to {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -202,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_data_generate(args)
         if args.command in STAGES:
             return cmd_stage(args)
-        handler = {"serve": cmd_serve, "pipeline": cmd_pipeline, "ledger": cmd_ledger}[args.command]
+        handler = {"serve": cmd_serve, "pipeline": cmd_pipeline, "ledger": cmd_ledger,
+                   "report": cmd_report}[args.command]
         return handler(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -140,6 +140,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path | None = None, address
     from frugalray.data.score import run_score
     from frugalray.data.select import run_select
     from frugalray.ray_utils import init_ray
+    from frugalray.report import write_report
     from frugalray.serve.app import deploy, shutdown_app
     from frugalray.serve.client import evaluate
     from frugalray.train.finetune import run_finetune
@@ -213,9 +214,15 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path | None = None, address
     serve_flops = before.usage["flops"] + after.usage["flops"] + (budgeted.usage["flops"] if budgeted else 0.0)
     serve_tokens = sum(int(e.usage.get("prompt_tokens", 0) + e.usage.get("completion_tokens", 0))
                        for e in (before, after, budgeted) if e is not None)
+    serve_produced = {"accuracy_base": before.accuracy, "accuracy_finetuned": after.accuracy,
+                      "startup_s": round(startup_s, 1), "budgeted_queries": len(queries)}
+    # Per-query cost next to accuracy, so the report can plot accuracy vs compute for each way of answering.
+    for label, evaluation in (("base", before), ("finetuned", after), ("budgeted", budgeted)):
+        if evaluation is not None and evaluation.n:
+            serve_produced[f"accuracy_{label}"] = evaluation.accuracy
+            serve_produced[f"flops_per_query_{label}"] = evaluation.usage["flops"] / evaluation.n
     ledger.record("serve", flops=serve_flops, tokens=serve_tokens, wall_s=time.time() - t0,
-                  produced={"accuracy_base": before.accuracy, "accuracy_finetuned": after.accuracy,
-                            "startup_s": round(startup_s, 1), "budgeted_queries": len(queries)})
+                  produced=serve_produced)
     results["serve"] = {"before": before, "after": after, "budgeted": budgeted, "queries": queries,
                         "flops": serve_flops, "startup_s": startup_s}
     stage_done("serve")
@@ -224,11 +231,32 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path | None = None, address
     summary = build_summary(results, ledger, wall_s=time.time() - started)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(format_summary(summary, run_dir))
+    report_path = write_report(run_dir)
+    print(f"report: {report_path}")
     return summary
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
     return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
+
+
+def finetune_curve(ft: Any) -> dict[str, Any] | None:
+    """Train loss against cumulative training FLOPs, for the report's loss-vs-FLOPs plot."""
+    losses = list(_get(ft, "losses", None) or [])
+    if not losses:
+        return None
+    step_flops = list(_get(ft, "step_flops", None) or [])
+    if len(step_flops) != len(losses):
+        # Older results carry only the total: spread it evenly and say so in the curve.
+        step_flops = [float(_get(ft, "train_flops", 0.0)) / len(losses)] * len(losses)
+        source = "mean per step"
+    else:
+        source = "per step"
+    cumulative, total = [], 0.0
+    for flops in step_flops:
+        total += float(flops)
+        cumulative.append(total)
+    return {"loss": losses, "flops": cumulative, "flops_source": source}
 
 
 def build_summary(results: dict[str, Any], ledger, wall_s: float) -> dict[str, Any]:
@@ -272,6 +300,7 @@ def build_summary(results: dict[str, Any], ledger, wall_s: float) -> dict[str, A
         "served_answers": served_answers,
         "served_usage": budgeted.usage if budgeted is not None else {},
         "adapter_path": str(_get(ft, "adapter_path")),
+        "finetune_curve": finetune_curve(ft),
         "ledger_by_stage": per_stage,
         "ledger_total_flops": ledger.total_flops(),
         "ledger_matches_stages": not mismatched,

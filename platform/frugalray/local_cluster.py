@@ -1,0 +1,173 @@
+"""A real multi-node Ray cluster on one machine's loopback: a head plus worker nodes, each its own raylet.
+
+Used by the scale-out tests and `bench/multinode_demo.py` to exercise what a laptop cannot show with a
+single node: work spread across nodes, and a node dying mid-stage. Every node is a `ray start --block`
+process in its own session, on free ports, so `kill_node` takes a whole node (raylet, object store,
+workers) down at once, like a lost machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+NODE_RESOURCE_PREFIX = "loopback_node_"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _agent_ports() -> list[str]:
+    # Ray's fixed default agent ports collide between nodes on one machine; give each node its own.
+    return [
+        "--dashboard-agent-listen-port", str(free_port()),
+        "--dashboard-agent-grpc-port", str(free_port()),
+        "--metrics-export-port", str(free_port()),
+        "--runtime-env-agent-port", str(free_port()),
+    ]
+
+
+@dataclass
+class LoopbackNode:
+    name: str
+    cpus: int
+    process: subprocess.Popen
+    resources: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+class LoopbackCluster:
+    """Head (`head_cpus`, often 0 so drivers and coordination stay apart from work) plus worker nodes.
+
+    Each worker node gets a custom resource `loopback_node_<name>` = 1 so tests can see where work landed
+    and pin work to a node when they need to.
+    """
+
+    def __init__(self, head_cpus: int = 0, worker_cpus: tuple[int, ...] = (2, 2), ray_bin: str | None = None,
+                 env: dict[str, str] | None = None):
+        self.ray_bin = ray_bin or str(Path(sys.executable).parent / "ray")
+        self.head_cpus = head_cpus
+        self.worker_cpus = worker_cpus
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = dict(os.environ, **(env or {}))
+        # A job's bare `python` must be this interpreter, as for a user who ran `ray start` in the venv.
+        self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])
+        self.env.setdefault("RAY_AUTH_MODE", "disabled")
+        self.nodes: dict[str, LoopbackNode] = {}
+        self.log_dir = Path(tempfile.mkdtemp(prefix="frugalray-loopback-"))
+        self._counter = 0
+
+    # lifecycle ---------------------------------------------------------------------------------
+    def start(self, timeout_s: float = 180.0) -> LoopbackCluster:
+        head = self._spawn("head", [
+            "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
+            "--num-cpus", str(self.head_cpus), "--include-dashboard", "true",
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+            "--disable-usage-stats",
+        ], self.head_cpus, {})
+        self.nodes["head"] = head
+        self.wait_for_nodes(1, timeout_s)
+        for cpus in self.worker_cpus:
+            self.add_worker(cpus)
+        self.wait_for_nodes(1 + len(self.worker_cpus), timeout_s)
+        return self
+
+    def add_worker(self, cpus: int) -> str:
+        self._counter += 1
+        name = f"worker{self._counter}"
+        resources = {f"{NODE_RESOURCE_PREFIX}{name}": 1.0}
+        node = self._spawn(name, [
+            "--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
+            "--resources", json.dumps(resources), "--disable-usage-stats",
+        ], cpus, resources)
+        self.nodes[name] = node
+        return name
+
+    def _spawn(self, name: str, args: list[str], cpus: int, resources: dict[str, float]) -> LoopbackNode:
+        cmd = [self.ray_bin, "start", "--block", *args, *_agent_ports()]
+        log.info("starting node %s: %s", name, " ".join(cmd))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"{name}.log", "ab") as out:  # why a node died is worth keeping
+            proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        return LoopbackNode(name, cpus, proc, resources)
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL a whole node (its `ray start` session: raylet, object store, workers): a lost machine."""
+        node = self.nodes[name]
+        if name == "head":
+            raise ValueError("kill_node: the head holds the GCS; kill a worker node")
+        os.killpg(node.process.pid, signal.SIGKILL)
+        node.process.wait(timeout=30)
+        log.info("killed node %s", name)
+
+    def stop(self) -> None:
+        for name in [n for n in self.nodes if n != "head"] + ["head"]:
+            node = self.nodes.get(name)
+            if node is None or not node.alive:
+                continue
+            try:
+                os.killpg(node.process.pid, signal.SIGTERM)
+                node.process.wait(timeout=30)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                try:
+                    os.killpg(node.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def __enter__(self) -> LoopbackCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # state -------------------------------------------------------------------------------------
+    def alive_nodes(self) -> list[dict]:
+        from ray.util.state import list_nodes
+
+        return [n.__dict__ if hasattr(n, "__dict__") else dict(n)
+                for n in list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")])]
+
+    def wait_for_nodes(self, count: int, timeout_s: float = 180.0) -> None:
+        deadline = time.time() + timeout_s
+        last_error = None
+        while time.time() < deadline:
+            if self.nodes.get("head") is not None and not self.nodes["head"].alive:
+                log_text = (self.log_dir / "head.log").read_text()[-3000:]
+                raise RuntimeError(f"the head node exited while starting; its log:\n{log_text}")
+            try:
+                if len(self.alive_nodes()) >= count:
+                    return
+            except Exception as err:  # noqa: BLE001 - the dashboard is still coming up
+                last_error = err
+            time.sleep(2)
+        raise TimeoutError(f"{count} alive nodes not reached in {timeout_s:.0f}s (last error: {last_error})")
+
+    def node_names_by_id(self) -> dict[str, str]:
+        """Ray node id -> our node name (head / workerN), from each node's custom resource."""
+        out = {}
+        for node in self.alive_nodes():
+            resources = node.get("resources_total") or {}
+            names = [k[len(NODE_RESOURCE_PREFIX):] for k in resources if k.startswith(NODE_RESOURCE_PREFIX)]
+            out[node["node_id"]] = names[0] if names else "head"
+        return out

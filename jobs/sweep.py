@@ -1,10 +1,13 @@
 """Ray Job: a Ray Tune hyperparameter sweep whose trials share one FLOP cap that is never exceeded.
 
     python jobs/sweep.py --config jobs/configs/sweep.yaml --run-dir runs/sweep
+    python jobs/sweep.py --config jobs/configs/sweep.yaml --run-dir runs/sweep --flop-caps 1e12,2e12,3e12
+    python jobs/sweep.py --resume runs/sweep          # after the driver was killed
     ray job submit --working-dir . -- python jobs/sweep.py --config jobs/configs/sweep.yaml
 
 Each trial trains in chunks and reserves each chunk's FLOPs (an upper bound) from a shared
 budget first; a trial whose reservation is refused stops and says it was stopped by the cap.
+The budget journals every hold in the run directory, so a resumed sweep never exceeds the cap.
 """
 
 from __future__ import annotations
@@ -13,43 +16,51 @@ import argparse
 import logging
 import sys
 
-from frugalray.config import ConfigError, load_config
-from frugalray.ray_utils import init_ray
-from frugalray.tune.sweep import SweepConfig, preflight_sweep, run_sweep
+from frugalray.config import ConfigError
+from frugalray.tune.sweep import sweep_command
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML file of SweepConfig fields")
-    parser.add_argument("--run-dir", default="runs/sweep", help="where Tune results and the ledger go")
+    parser.add_argument("--config", default=None, help="YAML file of SweepConfig fields (not with --resume)")
+    parser.add_argument("--run-dir", default="runs/sweep", help="where Tune results, the budget journal and the ledger go")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the sweep in RUN_DIR")
+    parser.add_argument("--flop-caps", default=None, metavar="C1,C2,...",
+                        help="budget ladder: one sweep at the largest cap, the best config reported at each cap")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    # 1. Validate the config, the data and the cap (it must pay for one step) before any Ray work.
+    # 1-2. Validate config, data and caps before any Ray work (run_sweep does it first), then
+    # join (or start) the cluster and search; or resume the sweep a dead driver left behind.
     try:
-        cfg = load_config(SweepConfig, args.config, args.set)
-        _, _, min_trial_flops = preflight_sweep(cfg)
+        result = sweep_command(args.config, args.run_dir, args.set, args.resume, args.flop_caps)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    print(f"flop_cap {cfg.flop_cap:.3g} FLOPs; the cheapest trial chunk costs at most {min_trial_flops:.3g}")
 
-    # 2. Join (or start) the cluster, then search.
-    init_ray()
-    result = run_sweep(cfg, args.run_dir)
-
-    # 3. Summary: one line per trial, then the winner and the spend against the cap.
+    # 3. Summary: one line per trial, then the winner, the spend against the cap and the reports.
     for t in result.trials:
         metric = "n/a" if t.metric is None else f"{t.metric:.4f}"
         flag = " (stopped by the cap)" if t.stopped_by_cap else ""
         error = f" ERROR: {t.error}" if t.error else ""
-        print(f"  {t.config}: {cfg.metric} {metric} after {t.steps} steps, {t.flops:.3g} FLOPs{flag}{error}")
+        print(f"  {t.config}: {result.metric} {metric} after {t.steps} steps, {t.flops:.3g} FLOPs{flag}{error}")
     print(
-        f"best {cfg.metric} {result.best_metric} with {result.best_config}; spent {result.flops_spent:.3g} "
+        f"best {result.metric} {result.best_metric} with {result.best_config}; spent {result.flops_spent:.3g} "
         f"of the {result.flop_cap:.3g} FLOP cap in {result.wall_s:.1f}s (held {result.flops_reserved:.3g} "
         f"in upper-bound reservations, {result.flops_released:.3g} of them handed back unspent)"
     )
+    if result.resumed:
+        print(f"resumed: {result.flops_charged_at_restart:.3g} FLOPs of chunks the dead driver left open were charged in full")
+    if result.stopped_by_fit:
+        print(f"the scaling fit ended the sweep early: {result.stopped_by_fit}")
+    if result.ladder is not None:
+        for rung in result.ladder.rungs:
+            print(f"  cap {rung.cap:.3g}: best {rung.best_metric} with {rung.best_config} ({rung.status})")
+        for line in result.ladder.winner_changes or ["the winning configuration is the same at every cap"]:
+            print(f"  {line}")
+    for name, path in result.reports.items():
+        print(f"{name}: {path}")
     return 0
 
 

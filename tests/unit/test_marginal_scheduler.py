@@ -8,10 +8,11 @@ import pytest
 
 pytest.importorskip("ray.tune")
 
-from frugalray.config import ConfigError, parse_config
-from frugalray.tune.scheduler import MarginalGainScheduler
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
+
+from frugalray.config import ConfigError, parse_config
+from frugalray.tune.scheduler import MarginalGainScheduler
 
 G = 1e9
 
@@ -136,3 +137,22 @@ def test_sweep_config_scheduler_field_defaults_to_fifo_and_rejects_unknown_names
         parse_config(SweepConfig, {**base, "stop_rate": -1})
     with pytest.raises(ConfigError, match="mode"):
         parse_config(SweepConfig, {**base, "mode": "maximize"})
+
+
+def test_fit_stopper_ends_the_sweep_once_no_option_is_predicted_to_gain(tmp_path):
+    from frugalray.tune.scheduler import FitStopper
+
+    note = tmp_path / "why.txt"
+    stopper = FitStopper(0.01, "eval_loss", "min", flop_cap=1e3 * G, max_trial_flops=10 * G, total_trials=2,
+                         max_steps=10, note_path=str(note))
+    for tid, floor in (("a", 1.0), ("b", 1.4)):
+        for k in range(1, 11):  # both curves flat at their floor; the second trial's last report ends it
+            result = {"flops": k * G, "eval_loss": floor + 1e-5 / k, "sweep_flops": k * G, "step": k}
+            assert stopper(tid, result) is False  # per-trial stopping is not this stopper's job
+    assert stopper.stop_all()
+    assert "threshold" in note.read_text() or "no option" in note.read_text()
+    steep = FitStopper(0.01, "eval_loss", "min", 1e3 * G, 100 * G, total_trials=3, max_steps=100)
+    for k in range(1, 9):
+        steep("a", {"flops": k * G, "eval_loss": 1 + 3 * k**-0.7, "sweep_flops": k * G, "step": k})
+        steep("b", {"flops": k * G, "eval_loss": 2 + 3 * k**-0.7, "sweep_flops": 8 * G + k * G, "step": k})
+    assert not steep.stop_all()

@@ -6,10 +6,20 @@ spend FLOPs chunk by chunk from one capped pot (each chunk is reserved before it
 run up to `workers` trials at once. Because a curve is a function of FLOPs, a paused trial
 resumes exactly where it stopped, so many seeds are cheap and deterministic.
 
-The curves here are *synthetic* (`synthetic_space`): power laws with a floor whose speed
-and floor depend on the learning rate the way LoRA fine-tunes typically do (too low: slow;
-too high: fast start, worse floor), plus Gaussian eval noise and rare spikes. They are not
-recorded from the project's own fine-tunes; `Curve` accepts recorded points as well.
+Two kinds of curves:
+- *synthetic* (`synthetic_space`): power laws with a floor whose speed and floor depend on
+  the learning rate the way LoRA fine-tunes typically do (too low: slow; too high: fast
+  start, worse floor), plus Gaussian eval noise and rare spikes;
+- *recorded* (`recorded_space`): eval-loss curves measured by real sweeps of the project's
+  own LoRA fine-tunes on the default model (bench/results/recorded_curves.json). The
+  recorded value at a report is the truth of that checkpoint; each seed reorders the
+  configs and adds eval noise of the size measured in the recordings (different eval
+  draws), so repetitions differ while staying anchored to real curves.
+
+Methods: FIFO, random search (FIFO over configs drawn with replacement), Tune's
+TrialPlateauStopper rule (per trial: stop once the last `num_results` metrics have a
+std below `std`, after `grace_period` results), ASHA with FLOPs as time, and the
+marginal-gain policy.
 
 Quality of a method at a moment = the TRUE loss of the trial it would report as best
 (the best last observed metric, as Tune's best result with scope "last").
@@ -41,8 +51,27 @@ class Curve:
 
 
 @dataclass(frozen=True)
+class RecordedCurve:
+    """A measured learning curve: loss after each report, reports `chunk_flops` apart (linear in between)."""
+
+    config: dict
+    losses: tuple[float, ...]
+    chunk_flops: float
+
+    def true_loss(self, c: float) -> float:
+        k = c / self.chunk_flops  # reports done (fractional)
+        if k <= 1:
+            return float(self.losses[0])
+        if k >= len(self.losses):
+            return float(self.losses[-1])
+        i = math.floor(k)
+        frac = k - i
+        return float(self.losses[i - 1] * (1 - frac) + self.losses[i] * frac)
+
+
+@dataclass(frozen=True)
 class SearchSpace:
-    curves: list[Curve]
+    curves: list
     max_trial_flops: float  # R: one trial's full schedule
     chunk_flops: float  # FLOPs between two reports
     noise: float
@@ -76,6 +105,32 @@ def synthetic_space(n_configs: int, seed: int, reports_per_trial: int = 64,
     order = rng.permutation(len(curves))  # the order trials are proposed in
     return SearchSpace([curves[i] for i in order], max_trial_flops, max_trial_flops / reports_per_trial,
                        noise, spike_prob=0.03, spike_size=0.1)
+
+
+def recorded_noise(curves: list[dict]) -> float:
+    """Eval noise of recorded curves: the median over curves of the robust residual scale of each curve's fit."""
+    from frugalray.tune.marginal import fit_learning_curve
+
+    scales = []
+    for c in curves:
+        y = np.asarray(c["losses"], dtype=float)
+        if y.size >= 4:
+            scales.append(fit_learning_curve(np.arange(1, y.size + 1, dtype=float), y).noise)
+    return float(np.median(scales)) if scales else 0.0
+
+
+def recorded_space(recording: dict, seed: int, noise: float | None = None) -> SearchSpace:
+    """A SearchSpace of recorded curves (the JSON `bench/tune_compare.py --record` writes), reordered by `seed`.
+
+    Every config's curve is cut to the shortest recording so all trials share one schedule R.
+    """
+    curves = recording["curves"]
+    n_reports = min(len(c["losses"]) for c in curves)
+    chunk = float(np.mean([np.mean(np.diff([0.0, *c["flops"][:n_reports]])) for c in curves]))
+    built = [RecordedCurve(dict(c["config"]), tuple(float(v) for v in c["losses"][:n_reports]), chunk) for c in curves]
+    order = np.random.default_rng(seed).permutation(len(built))
+    sd = recorded_noise(curves) if noise is None else noise
+    return SearchSpace([built[i] for i in order], chunk * n_reports, chunk, sd, spike_prob=0.0, spike_size=0.0)
 
 
 # -- methods ---------------------------------------------------------------------------------
@@ -113,6 +168,49 @@ class Method:
 
 class Fifo(Method):
     name = "fifo"
+
+
+class RandomSearch(Method):
+    """Random search: `n_samples` configs drawn with replacement (seeded), each trained to its full budget."""
+
+    name = "random"
+
+    def __init__(self, seed: int, n_samples: int | None = None):
+        self.seed, self.n_samples = seed, n_samples
+
+    def start(self, space, cap):
+        super().start(space, cap)
+        n = self.n_samples or len(space.curves)
+        self.draws = [int(i) for i in np.random.default_rng(self.seed + 104729).integers(0, len(space.curves), n)]
+        self.slot_config: dict[int, int] = {}
+
+    def next_trial(self):
+        if self.next_new < len(self.draws) and self.cap - self.spent >= self.space.chunk_flops:
+            self.next_new += 1
+            return self.next_new - 1  # a slot: replay() maps it to its drawn config
+        return None
+
+
+class Plateau(Method):
+    """FIFO order with ray.tune.stopper.TrialPlateauStopper's rule (its defaults: std 0.01, 4 results, grace 4)."""
+
+    name = "plateau"
+
+    def __init__(self, std: float = 0.01, num_results: int = 4, grace_period: int = 4):
+        self.std, self.num_results, self.grace = std, num_results, grace_period
+
+    def start(self, space, cap):
+        super().start(space, cap)
+        self.history: dict[int, list[float]] = {}
+
+    def result(self, i, flops, loss):
+        if flops >= self.space.max_trial_flops:
+            return Decision.STOP
+        h = self.history.setdefault(i, [])
+        h.append(loss)
+        if len(h) < self.grace or len(h) < self.num_results:
+            return Decision.CONTINUE
+        return Decision.STOP if float(np.std(h[-self.num_results:])) < self.std else Decision.CONTINUE
 
 
 class Asha(Method):
@@ -205,7 +303,9 @@ def replay(space: SearchSpace, method: Method, cap: float, seed: int, workers: i
     """
     rng = np.random.default_rng(seed + 7919)
     method.start(space, cap)
-    flops = [0.0] * len(space.curves)
+    # A trial slot -> the config it trains (random search draws configs with replacement).
+    config_of = getattr(method, "draws", None) or list(range(len(space.curves)))
+    flops = [0.0] * len(config_of)
     last_seen: dict[int, float] = {}
     running: list[int] = []
     run = ReplayRun(method.name, cap, 0.0)
@@ -230,13 +330,13 @@ def replay(space: SearchSpace, method: Method, cap: float, seed: int, workers: i
                 continue
             flops[i] += space.chunk_flops
             total += space.chunk_flops
-            curve = space.curves[i]
+            curve = space.curves[config_of[i]]
             observed = curve.true_loss(flops[i]) + rng.normal(0, space.noise)
             if rng.uniform() < space.spike_prob:
                 observed += space.spike_size
             last_seen[i] = observed
             best = min(last_seen, key=last_seen.get)
-            run.trace.append((total, space.curves[best].true_loss(flops[best])))
+            run.trace.append((total, space.curves[config_of[best]].true_loss(flops[best])))
             if method.result(i, flops[i], observed) != Decision.CONTINUE:
                 running.remove(i)
             if stop_at_loss is not None and run.trace[-1][1] <= stop_at_loss:
@@ -251,9 +351,16 @@ def replay(space: SearchSpace, method: Method, cap: float, seed: int, workers: i
     return run
 
 
-METHODS: dict[str, Callable[[SearchSpace], Method]] = {
-    "fifo": lambda s: Fifo(),
-    "asha": lambda s: Asha(grace_flops=s.max_trial_flops / 16),
-    "marginal": lambda s: Marginal(grace_flops=s.max_trial_flops / 16, pausable=True),
-    "marginal_nopause": lambda s: Marginal(grace_flops=s.max_trial_flops / 16, pausable=False),
+def grace_flops(space: SearchSpace) -> float:
+    """The grace period ASHA and marginal get: R/16, but never under two reports (one noisy eval decides nothing)."""
+    return max(space.max_trial_flops / 16, 2 * space.chunk_flops)
+
+
+METHODS: dict[str, Callable[..., Method]] = {
+    "fifo": lambda s, seed=0: Fifo(),
+    "random": lambda s, seed=0: RandomSearch(seed),
+    "plateau": lambda s, seed=0: Plateau(),
+    "asha": lambda s, seed=0: Asha(grace_flops=grace_flops(s)),
+    "marginal": lambda s, seed=0: Marginal(grace_flops=grace_flops(s), pausable=True),
+    "marginal_nopause": lambda s, seed=0: Marginal(grace_flops=grace_flops(s), pausable=False),
 }

@@ -25,8 +25,10 @@ from typing import TYPE_CHECKING, Literal
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
+from ray.tune.stopper import Stopper
 
 from frugalray.tune.marginal import Decision, MarginalGainPolicy, MarginalGainSettings
+from frugalray.tune.scaling import SweepStopRule
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
@@ -82,13 +84,27 @@ class MarginalGainScheduler(TrialScheduler):
         return self.policy
 
     def on_trial_add(self, tune_controller: TuneController, trial: Trial) -> None:
-        self._ensure_policy().trial_added(trial.trial_id)
+        policy = self._ensure_policy()
+        if trial.trial_id in policy.trials:  # a restored experiment re-adds what we already know
+            return
+        policy.trial_added(trial.trial_id)
+        # Restored after a killed driver (Tuner.restore): a finished trial's spend and curve come
+        # from its last result, so admission and lambda see what the sweep already bought.
+        last = getattr(trial, "last_result", None) or {}
+        if getattr(trial, "status", None) == Trial.TERMINATED and self._time_attr in last:
+            if self._metric in last:
+                policy.trial_result(trial.trial_id, float(last[self._time_attr]), last[self._metric])
+            policy.trial_finished(trial.trial_id, "restored")
 
     def on_trial_result(self, tune_controller: TuneController, trial: Trial, result: dict) -> str:
         policy = self._ensure_policy()
         if self._time_attr not in result or self._metric not in result:
             return TrialScheduler.CONTINUE
+        if trial.trial_id not in policy.trials:
+            policy.trial_added(trial.trial_id)
         state = policy.trials[trial.trial_id]
+        if state.status in ("stopped", "done"):  # restarted after a restore: follow the new attempt
+            return TrialScheduler.CONTINUE
         flops = max(float(result[self._time_attr]), state.spent)  # restored trials may repeat a result
         decision = policy.trial_result(trial.trial_id, flops, result[self._metric])
         if decision == Decision.CONTINUE:
@@ -156,3 +172,33 @@ class MarginalGainScheduler(TrialScheduler):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as fh:
             self.__dict__.update(pickle.load(fh))
+
+
+class FitStopper(Stopper):
+    """A Tune Stopper around `SweepStopRule`: ends the whole sweep when the fits say nothing is left to gain.
+
+    Per-trial stopping stays with the scheduler and the budget; this only answers `stop_all`.
+    Results must carry `flops`, the metric, `sweep_flops` (the sweep's total spend) and
+    `step`/`stopped_by_cap` (to tell a trial's last report).
+    """
+
+    def __init__(self, threshold: float, metric: str, mode: str, flop_cap: float, max_trial_flops: float,
+                 total_trials: int, max_steps: int, note_path: str | None = None, **rule_options):
+        self.rule = SweepStopRule(threshold, mode, flop_cap, max_trial_flops, total_trials, **rule_options)
+        self.metric, self.max_steps, self.note_path = metric, max_steps, note_path
+        self.stopped = False
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        done = bool(result.get("stopped_by_cap")) or int(result.get("step", 0)) >= self.max_steps
+        self.rule.observe(trial_id, float(result.get("flops", 0.0)), result.get(self.metric),
+                          result.get("sweep_flops"), done=done)
+        return False
+
+    def stop_all(self) -> bool:
+        if not self.stopped and self.rule.should_stop():
+            self.stopped = True
+            log.info("ending the sweep: %s", self.rule.why)
+            if self.note_path:
+                with open(self.note_path, "w") as fh:
+                    fh.write(self.rule.why + "\n")
+        return self.stopped

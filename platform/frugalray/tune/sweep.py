@@ -11,11 +11,22 @@ refused (or only partly granted), the trial stops and says so (`stopped_by_cap`)
 chunk it settles: the real FLOPs stay charged and the unspent part of the hold goes back.
 Open holds plus settled spend never exceed the cap, and no chunk spends more than it held,
 so the cap is a promise, not a target.
+
+Restore: the run directory keeps `sweep_state.json` (the config, the Tune experiment) and
+the budget actor's write-ahead journal. `resume_sweep(run_dir)` (`frugalray sweep --resume
+RUN_DIR`) rebuilds the pot from the journal (holds left open by the dead driver are charged
+in full), restores Tune's experiment with `Tuner.restore` and the same trainable and
+scheduler, and records ONE ledger entry for the whole sweep, whatever the restarts.
+
+Budget ladder: with `flop_caps`, the sweep runs once at the largest cap and `tune/ladder.py`
+replays its chunks in spend order to answer every smaller cap (ladder.json / .md / .png).
+Every sweep also fits its compute frontier (`tune/scaling.py`, scaling.json).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import time
@@ -23,7 +34,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from frugalray.config import ConfigError, StrictModel
 from frugalray.train.finetune import FinetuneConfig
@@ -41,7 +52,13 @@ class SweepConfig(StrictModel):
     # grid: every combination, each `num_samples` times; random: `num_samples` random picks.
     search: Literal["grid", "random"] = "grid"
     num_samples: int = Field(1, ge=1)
+    # The sweep never spends more. With `flop_caps` it defaults to the largest of them.
     flop_cap: float = Field(gt=0)
+    # Budget ladder: answer the best config at each of these caps from one sweep at the largest.
+    flop_caps: list[float] | None = None
+    # Stop the whole sweep once no remaining option is predicted (from the learning-curve fits)
+    # to improve the best metric by this much (metric units); None: off.
+    sweep_stop_gain: float | None = Field(None, gt=0)
     steps_per_report: int = Field(2, ge=1)
     max_steps_per_trial: int = Field(8, ge=1)
     metric: Literal["eval_loss", "train_loss"] = "eval_loss"
@@ -57,6 +74,36 @@ class SweepConfig(StrictModel):
     # units per FLOP), or, with "auto", below the best rate available elsewhere.
     stop_rate: float | Literal["auto"] = "auto"
     asha_reduction_factor: float = Field(3.0, gt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cap_from_ladder(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("flop_cap") is None and data.get("flop_caps"):
+            caps = data["flop_caps"]
+            if isinstance(caps, list) and caps and all(isinstance(c, (int, float)) for c in caps):
+                data = {**data, "flop_cap": max(caps)}
+        return data
+
+    @field_validator("flop_caps")
+    @classmethod
+    def _caps_positive(cls, caps: list[float] | None) -> list[float] | None:
+        if caps is None:
+            return None
+        if not caps:
+            raise ValueError("give at least one cap, e.g. [1e13, 3e13, 1e14], or leave it out")
+        bad = [c for c in caps if not (c > 0 and math.isfinite(c))]
+        if bad:
+            raise ValueError(f"every cap must be a finite number of FLOPs > 0 (got {bad})")
+        return sorted({float(c) for c in caps})
+
+    @model_validator(mode="after")
+    def _ladder_within_cap(self) -> SweepConfig:
+        if self.flop_caps and max(self.flop_caps) > self.flop_cap:
+            raise ValueError(
+                f"flop_caps: the largest cap {max(self.flop_caps):.4g} exceeds flop_cap {self.flop_cap:.4g}; "
+                "the ladder is read from one sweep at flop_cap: drop flop_cap or raise it to the largest cap"
+            )
+        return self
 
     @field_validator("stop_rate")
     @classmethod
@@ -89,6 +136,7 @@ class TrialSummary(BaseModel):
     steps: int
     stopped_by_cap: bool
     error: str | None = None
+    trial_id: str | None = None
 
 
 class SweepResult(BaseModel):
@@ -105,6 +153,17 @@ class SweepResult(BaseModel):
     min_trial_flops: float
     trials: list[TrialSummary]
     wall_s: float
+    sweep_id: str = ""
+    resumed: bool = False
+    # Holds left open by a killed driver, charged in full at resume (their real cost is unknown).
+    flops_charged_at_restart: float = 0.0
+    ladder: Any = None  # LadderReport when flop_caps was given
+    scaling: dict | None = None  # fit_scaling's report
+    stopped_by_fit: str | None = None  # why the fit-based rule ended the sweep early
+    reports: dict[str, str] = Field(default_factory=dict)  # name -> path of written reports
+    # Per trial, every report in order: step, flops, tokens, sweep_flops (the sweep's FLOP clock),
+    # chunk_flops, chunk_reserved, train_loss, metric. Also written to histories.json.
+    histories: list[dict] = Field(default_factory=list)
 
 
 def trial_configs(cfg: SweepConfig) -> list[dict[str, Any]]:
@@ -149,6 +208,11 @@ def preflight_sweep(cfg: SweepConfig):
             f"raise flop_cap to at least {min_cost:.4g}"
         )
         raise ConfigError([message])
+    if cfg.flop_caps and min(cfg.flop_caps) < min_cost:
+        raise ConfigError([
+            (f"flop_caps: {min(cfg.flop_caps):.4g} FLOPs cannot pay for one training step plus its evaluation of "
+             f"the cheapest trial ({min_cost:.4g}); drop it or raise it to at least {min_cost:.4g}")
+        ])
     if cfg.scheduler != "fifo":
         grace, _ = scheduler_flops(cfg, shape, len(data.eval_rows))
         if grace > cfg.flop_cap:
@@ -218,7 +282,8 @@ def sweep_trial(
     granted = ray.get(budget.reserve_steps.remote(step_bound, min(steps_per_report, max_steps), eval_bound))
     if granted == 0:
         tune.report({"step": 0, "flops": 0.0, "reserved_flops": 0.0, "tokens": 0, "eval_loss": math.inf,
-                     "train_loss": math.inf, "stopped_by_cap": True})
+                     "train_loss": math.inf, "stopped_by_cap": True, "chunk_flops": 0.0, "chunk_reserved": 0.0,
+                     "sweep_flops": ray.get(budget.spent.remote())})
         return
     session = LoraTrainingSession(trial_cfg.model_dump(mode="json"), model_path, train_rows, eval_rows, threads=threads)
     steps, flops, reserved, tokens = 0, 0.0, 0.0, 0
@@ -237,7 +302,8 @@ def sweep_trial(
             chunk_flops += evaluation.flops
             tokens += evaluation.tokens
         # Hand back what the padded upper bound over-reserved, so other chunks can use it.
-        ray.get(budget.settle.remote(held, chunk_flops))
+        # The answer is the sweep's total spend: the global FLOP clock the budget ladder replays.
+        sweep_flops = ray.get(budget.settle.remote(held, chunk_flops, f"{tune.get_context().get_trial_id()}:{steps}"))
         reserved += held
         flops += chunk_flops
         stopped_by_cap = granted < wanted
@@ -250,6 +316,9 @@ def sweep_trial(
             "train_loss": train_loss,
             "eval_loss": evaluation.loss if evaluation is not None else math.inf,
             "stopped_by_cap": stopped_by_cap,
+            "chunk_flops": chunk_flops,
+            "chunk_reserved": held,
+            "sweep_flops": sweep_flops,
         }
         if steps >= max_steps or stopped_by_cap:
             tune.report(result)
@@ -266,57 +335,182 @@ def _finite(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
-def run_sweep(cfg: SweepConfig, run_dir: str | Path, ledger=None) -> SweepResult:
-    """Run the search under the FLOP cap; record one ledger entry for the whole sweep."""
+STATE_FILE = "sweep_state.json"
+FIT_STOP_FILE = "stopped_by_fit.txt"  # written by FitStopper when the fit ends the sweep
+
+
+def _sweep_state(run_dir: Path) -> dict:
+    path = run_dir / STATE_FILE
+    if not path.exists():
+        raise ConfigError([(f"resume: '{run_dir}' holds no {STATE_FILE}; pass the run directory of a sweep "
+                            "that was started (frugalray sweep --config ... --run-dir RUN_DIR)")])
+    return json.loads(path.read_text())
+
+
+def resume_sweep(run_dir: str | Path, ledger=None, flop_caps: list[float] | None = None) -> SweepResult:
+    """Continue a sweep whose driver died: same config, same Tune experiment, the budget rebuilt from its journal."""
+    from frugalray.config import parse_config
+
+    run_dir = Path(run_dir).resolve()
+    state = _sweep_state(run_dir)
+    raw = state["config"]
+    if flop_caps:
+        raw = {**raw, "flop_caps": flop_caps}
+    cfg = parse_config(SweepConfig, raw, str(run_dir / STATE_FILE))
+    return run_sweep(cfg, run_dir, ledger, resume=True)
+
+
+def sweep_command(config: str | None, run_dir: str | None, overrides: list[str] | None = None,
+                  resume: str | None = None, flop_caps: str | None = None, ledger=None) -> SweepResult:
+    """What `frugalray sweep` does: a new sweep from `config`, or `resume` a run directory."""
+    from frugalray.budget.ledger import ComputeLedger
+    from frugalray.config import load_config
+
+    caps = None
+    if flop_caps:
+        try:
+            caps = [float(c) for c in flop_caps.split(",") if c.strip()]
+        except ValueError:
+            raise ConfigError([(f"flop_caps: '{flop_caps}' is not a comma-separated list of numbers, "
+                                "e.g. --flop-caps 1e13,3e13,1e14")]) from None
+    if resume:
+        if config:
+            raise ConfigError(["resume: the resumed sweep reuses the config stored in RUN_DIR; drop --config"])
+        return resume_sweep(resume, ledger or ComputeLedger(resume), caps)
+    if not config:
+        raise ConfigError(["config: pass --config YAML for a new sweep, or --resume RUN_DIR"])
+    overrides = list(overrides or [])
+    if caps:
+        overrides.append(f"flop_caps=[{','.join(repr(c) for c in caps)}]")
+        overrides.append("flop_cap=null")
+    cfg = load_config(SweepConfig, config, overrides)
+    run_dir = run_dir or "runs/sweep"
+    return run_sweep(cfg, run_dir, ledger or ComputeLedger(run_dir))
+
+
+def _trainable(cfg: SweepConfig, data, budget_name: str):
+    from ray import tune
+
+    from frugalray.train.loop import default_threads
+
+    return tune.with_resources(
+        tune.with_parameters(
+            sweep_trial,
+            base=cfg.finetune.model_dump(mode="json"),
+            model_path=data.model_path,
+            train_rows=data.train_rows,
+            eval_rows=data.eval_rows,
+            budget_name=budget_name,
+            steps_per_report=cfg.steps_per_report,
+            max_steps=cfg.max_steps_per_trial,
+            threads=cfg.finetune.cpu_threads or default_threads(cfg.max_concurrent_trials),
+        ),
+        {"cpu": 1},
+    )
+
+
+def _trial_histories(grid, cfg: SweepConfig) -> list[dict]:
+    """Every report of every trial, in order: what the ladder replays and the scaling fit uses."""
+    histories = []
+    for r in grid:
+        df = r.metrics_dataframe
+        if df is None or len(df) == 0 or "sweep_flops" not in df:
+            continue
+        rows = df.to_dict("records")
+        histories.append({
+            "trial_id": str((r.metrics or {}).get("trial_id", "")),
+            "config": {k: v for k, v in (r.config or {}).items() if k in cfg.search_space},
+            **{key: [float(row.get(key, math.nan)) for row in rows]
+               for key in ("step", "flops", "tokens", "sweep_flops", "chunk_flops", "chunk_reserved", "train_loss")},
+            "metric": [_finite(row.get(cfg.metric)) for row in rows],
+        })
+    return histories
+
+
+def _chunk_records(histories: list[dict]):
+    """The histories as ladder ChunkRecords, plus (flops, tokens, metric) points for the scaling fit."""
+    from frugalray.tune.ladder import ChunkRecord
+
+    chunks, points = [], []
+    for h in histories:
+        for i, metric in enumerate(h["metric"]):
+            chunks.append(ChunkRecord(trial_id=h["trial_id"], config=h["config"], sweep_flops=h["sweep_flops"][i],
+                                      chunk_flops=h["chunk_flops"][i], chunk_hold=h["chunk_reserved"][i],
+                                      metric=metric))
+            if metric is not None and h["flops"][i] > 0:
+                points.append((h["flops"][i], h["tokens"][i], metric))
+    return chunks, points
+
+
+def run_sweep(cfg: SweepConfig, run_dir: str | Path, ledger=None, resume: bool = False) -> SweepResult:
+    """Run the search under the FLOP cap; record one ledger entry for the whole sweep.
+
+    `resume=True` continues the sweep recorded in `run_dir` (see `resume_sweep`).
+    """
     import ray
     from ray import tune
 
     from frugalray.budget.ledger import ComputeLedger
     from frugalray.ray_utils import init_ray
-    from frugalray.train.loop import default_threads
     from frugalray.tune.budget import create_flop_budget
 
     started = time.time()
     run_dir = Path(run_dir).resolve()
     data, shape, min_cost = preflight_sweep(cfg)
+    if resume:
+        state = _sweep_state(run_dir)
+    else:
+        sweep_id = uuid.uuid4().hex[:8]
+        state = {"sweep_id": sweep_id, "experiment": f"sweep-{int(started)}-{sweep_id}",
+                 "journal": f"flop_budget-{sweep_id}.jsonl", "started": started}
+    state["config"] = cfg.model_dump(mode="json")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    storage = run_dir / "ray_tune"
+    experiment_path = storage / state["experiment"]
     init_ray()  # only after every check passed (a no-op when Ray is already up)
-    budget_name = f"frugalray-flop-budget-{uuid.uuid4().hex[:8]}"
+    budget_name = f"frugalray-flop-budget-{state['sweep_id']}-{uuid.uuid4().hex[:4]}"
     budget = None
     try:
-        budget = create_flop_budget(cfg.flop_cap, budget_name)
-        ray.get(budget.snapshot.remote())  # the actor is up before trials look it up
-        if cfg.search == "grid":
-            param_space = {k: tune.grid_search(v) for k, v in cfg.search_space.items()}
+        budget = create_flop_budget(cfg.flop_cap, budget_name, journal=run_dir / state["journal"])
+        before = ray.get(budget.snapshot.remote())  # the actor is up (and rebuilt) before trials look it up
+        if resume:
+            log.info("resuming sweep %s: %.4g FLOPs already spent (%.4g charged for chunks the dead driver left open)",
+                     state["sweep_id"], before["spent"], before["charged_at_restart"])
+        trainable = _trainable(cfg, data, budget_name)
+        if resume and tune.Tuner.can_restore(str(experiment_path)):
+            # The scheduler and stopper come back from the experiment's tuner.pkl (same as before).
+            tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
         else:
-            param_space = {k: tune.choice(v) for k, v in cfg.search_space.items()}
-        trainable = tune.with_resources(
-            tune.with_parameters(
-                sweep_trial,
-                base=cfg.finetune.model_dump(mode="json"),
-                model_path=data.model_path,
-                train_rows=data.train_rows,
-                eval_rows=data.eval_rows,
-                budget_name=budget_name,
-                steps_per_report=cfg.steps_per_report,
-                max_steps=cfg.max_steps_per_trial,
-                threads=cfg.finetune.cpu_threads or default_threads(cfg.max_concurrent_trials),
-            ),
-            {"cpu": 1},
-        )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                metric=cfg.metric,
-                mode=cfg.mode,
-                num_samples=cfg.num_samples,
-                max_concurrent_trials=cfg.max_concurrent_trials,
-                scheduler=make_scheduler(cfg, shape, len(data.eval_rows)),
-            ),
-            run_config=tune.RunConfig(
-                storage_path=str(run_dir / "ray_tune"), name=f"sweep-{int(started)}", verbose=1
-            ),
-        )
+            if resume:
+                log.warning("no restorable Tune state under %s: starting the trials again under the rebuilt budget",
+                            experiment_path)
+            if cfg.search == "grid":
+                param_space = {k: tune.grid_search(v) for k, v in cfg.search_space.items()}
+            else:
+                param_space = {k: tune.choice(v) for k, v in cfg.search_space.items()}
+            stopper = None
+            if cfg.sweep_stop_gain is not None:
+                from frugalray.tune.scheduler import FitStopper
+
+                _, max_trial = scheduler_flops(cfg, shape, len(data.eval_rows))
+                total = len(trial_configs(cfg)) * cfg.num_samples if cfg.search == "grid" else cfg.num_samples
+                stopper = FitStopper(cfg.sweep_stop_gain, cfg.metric, cfg.mode, cfg.flop_cap, max_trial, total,
+                                     max_steps=cfg.max_steps_per_trial, note_path=str(run_dir / FIT_STOP_FILE))
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    metric=cfg.metric,
+                    mode=cfg.mode,
+                    num_samples=cfg.num_samples,
+                    max_concurrent_trials=cfg.max_concurrent_trials,
+                    scheduler=make_scheduler(cfg, shape, len(data.eval_rows)),
+                ),
+                run_config=tune.RunConfig(storage_path=str(storage), name=state["experiment"], verbose=1,
+                                          stop=stopper),
+            )
         grid = tuner.fit()
         totals = ray.get(budget.snapshot.remote())
     finally:
@@ -337,12 +531,16 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path, ledger=None) -> SweepResult
                 steps=int(m.get("step", 0)),
                 stopped_by_cap=bool(m.get("stopped_by_cap", False)),
                 error=str(r.error) if r.error else None,
+                trial_id=str(m.get("trial_id")) if m.get("trial_id") else None,
             )
         )
     scored = [t for t in trials if t.metric is not None]
     best = (min if cfg.mode == "min" else max)(scored, key=lambda t: t.metric) if scored else None
-    # The actor hears of every finished chunk, even one whose trial died before reporting it.
+    # The actor's journal hears of every chunk, even one whose trial died before reporting it,
+    # and of holds a killed driver left open; it is the sweep's spend across restarts.
     flops_spent = max(sum(t.flops for t in trials), float(totals["spent"]))
+    fit_note = run_dir / FIT_STOP_FILE
+    stopped_by_fit = fit_note.read_text().strip() if fit_note.exists() else None
     result = SweepResult(
         best_config=best.config if best else None,
         best_metric=best.metric if best else None,
@@ -355,27 +553,76 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path, ledger=None) -> SweepResult
         min_trial_flops=min_cost,
         trials=trials,
         wall_s=time.time() - started,
+        sweep_id=state["sweep_id"],
+        resumed=resume,
+        flops_charged_at_restart=float(totals["charged_at_restart"]),
+        stopped_by_fit=stopped_by_fit,
     )
     if flops_spent > cfg.flop_cap:  # cannot happen unless the bound is wrong; never hide it
         raise RuntimeError(f"sweep spent {flops_spent:.4g} FLOPs > flop_cap {cfg.flop_cap:.4g}")
+    _write_reports(cfg, grid, shape, result, run_dir, resumed=resume)
+
     ledger = ledger or ComputeLedger(run_dir)
-    ledger.record(
-        "sweep",
-        flops=flops_spent,
-        tokens=sum(t.tokens for t in trials),
-        wall_s=result.wall_s,
-        produced={"best_config": result.best_config, "best_metric": result.best_metric},
-        flop_cap=cfg.flop_cap,
-        flops_reserved=result.flops_reserved,
-        flops_released=result.flops_released,
-        budget_actor_spent=float(totals["spent"]),
-        trials=len(trials),
-        trials_stopped_by_cap=sum(t.stopped_by_cap for t in trials),
-        trials_failed=sum(t.error is not None for t in trials),
-    )
+    if any(e.get("stage") == "sweep" and e.get("sweep_id") == result.sweep_id for e in ledger.entries()):
+        # A resume of a sweep that had already finished and recorded itself: never count it twice.
+        log.warning("sweep %s is already in the ledger; not recording it again", result.sweep_id)
+    else:
+        ledger.record(
+            "sweep",
+            flops=flops_spent,
+            tokens=sum(t.tokens for t in trials),
+            wall_s=result.wall_s,
+            produced={"best_config": result.best_config, "best_metric": result.best_metric},
+            sweep_id=result.sweep_id,
+            resumed=resume,
+            flop_cap=cfg.flop_cap,
+            flops_reserved=result.flops_reserved,
+            flops_released=result.flops_released,
+            flops_charged_at_restart=result.flops_charged_at_restart,
+            budget_actor_spent=float(totals["spent"]),
+            trials=len(trials),
+            trials_stopped_by_cap=sum(t.stopped_by_cap for t in trials),
+            trials_failed=sum(t.error is not None for t in trials),
+        )
     log.info(
         "sweep done: best %s=%s with %s; spent %.4g of %.4g FLOPs (%d/%d trials stopped by the cap)",
         cfg.metric, result.best_metric, result.best_config, flops_spent, cfg.flop_cap,
         sum(t.stopped_by_cap for t in trials), len(trials),
     )
     return result
+
+
+def _write_reports(cfg: SweepConfig, grid, shape, result: SweepResult, run_dir: Path, resumed: bool) -> None:
+    """scaling.json always; ladder.json/.md/.png with flop_caps. Attached to `result`."""
+    from frugalray.budget.flops import train_flops_per_token
+    from frugalray.tune.ladder import LadderReport, budget_ladder, winner_changes, write_ladder_report
+    from frugalray.tune.scaling import fit_scaling
+
+    result.histories = _trial_histories(grid, cfg)
+    (run_dir / "histories.json").write_text(json.dumps(result.histories, default=str) + "\n")
+    result.reports["histories"] = str(run_dir / "histories.json")
+    chunks, points = _chunk_records(result.histories)
+    ft = cfg.finetune
+    lora = shape.lora_params(ft.lora_rank, ft.target_modules)
+    result.scaling = fit_scaling(
+        points, cfg.mode,
+        flops_per_token=train_flops_per_token(shape, ft.seq_len, ft.method, lora),
+        model_params=shape.matmul_params,
+        stop_rate=cfg.stop_rate if isinstance(cfg.stop_rate, float) and cfg.stop_rate > 0 else None,
+        model_sizes=1,
+    )
+    result.scaling["note"] = ("flops_per_token uses the base lora_rank and seq_len (padded width); trials with "
+                              "another rank differ slightly")
+    (run_dir / "scaling.json").write_text(json.dumps(result.scaling, indent=2, default=str) + "\n")
+    result.reports["scaling"] = str(run_dir / "scaling.json")
+    if not cfg.flop_caps:
+        return
+    prefix_exact = cfg.scheduler in ("fifo", "asha") and cfg.max_concurrent_trials == 1 and not resumed
+    why = ("the marginal scheduler's lambda and admission read the remaining budget" if cfg.scheduler == "marginal"
+           else "trials ran concurrently, so holds overlapped" if cfg.max_concurrent_trials > 1
+           else "the sweep was resumed after a killed driver")
+    rungs = budget_ladder(chunks, cfg.flop_caps, cfg.mode, prefix_exact=prefix_exact, why_estimate=why)
+    report = LadderReport(metric=cfg.metric, mode=cfg.mode, scheduler=cfg.scheduler,
+                          flops_spent=result.flops_spent, rungs=rungs, winner_changes=winner_changes(rungs))
+    result.ladder = report
+    result.reports.update({f"ladder_{k}": v for k, v in write_ladder_report(report, run_dir, chunks).items()})

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. Summary.
     print(f"serving {cfg.model_name} and adapters {sorted(cfg.adapters)} at {url}")
+    if cfg.api_key_env or cfg.api_key:
+        where = f"${cfg.api_key_env}" if cfg.api_key_env else "the config's api_key"
+        print(f"clients need `Authorization: Bearer <key>` (the key in {where})")
     return 0
 
 

@@ -143,6 +143,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path | None = None, address
     from frugalray.report import write_report
     from frugalray.serve.app import deploy, shutdown_app
     from frugalray.serve.client import evaluate
+    from frugalray.serve.config import resolve_api_key
     from frugalray.train.finetune import run_finetune
     from frugalray.tune.sweep import run_sweep
 
@@ -197,18 +198,19 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path | None = None, address
     bar.set_description("pipeline: serve")
     adapter_name = "finetuned"
     serve_cfg = plan.serve_with_adapter(adapter_name, str(ft.adapter_path))
+    api_key = resolve_api_key(serve_cfg)  # from api_key or the environment variable api_key_env
     t0 = time.time()
     base_url = deploy(serve_cfg)
     startup_s = time.time() - t0
     try:
         before = evaluate(base_url, serve_cfg.model_name, heldout, max_tokens=cfg.heldout.max_tokens,
-                          api_key=serve_cfg.api_key)
+                          api_key=api_key)
         after = evaluate(base_url, adapter_name, heldout, max_tokens=cfg.heldout.max_tokens,
-                         api_key=serve_cfg.api_key)
+                         api_key=api_key)
         queries = heldout[: cfg.query.n_prompts]
         budgeted = evaluate(base_url, adapter_name, queries, max_tokens=cfg.query.max_tokens,
                             compute_budget={"max_samples": cfg.query.max_samples},
-                            api_key=serve_cfg.api_key, concurrency=1) if queries else None
+                            api_key=api_key, concurrency=1) if queries else None
     finally:
         shutdown_app(serve_cfg.app_name)
     serve_flops = before.usage["flops"] + after.usage["flops"] + (budgeted.usage["flops"] if budgeted else 0.0)

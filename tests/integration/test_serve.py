@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 def client(served_model):
     import openai
 
-    return openai.OpenAI(base_url=served_model["base_url"], api_key="unused", timeout=180, max_retries=0)
+    return openai.OpenAI(base_url=served_model["base_url"], api_key=served_model["api_key"], timeout=180,
+                         max_retries=0)
 
 
 def _chat(client, model, content, **kw):
@@ -262,7 +263,8 @@ def test_evaluate_client_scores_rows(served_model):
 
     rows = [{"prompt": QUESTION, "answer": "7"}, {"instruction": "What is 2 + 2? Reply with only the number.",
                                                   "answer": "4"}]
-    result = evaluate(served_model["base_url"], served_model["model"], rows, max_tokens=8)
+    result = evaluate(served_model["base_url"], served_model["model"], rows, max_tokens=8,
+                      api_key=served_model["api_key"])
     assert result.n == 2 and 0 <= result.correct <= 2
     assert result.gold == ["7", "4"]
     assert result.usage["flops"] > 0 and result.usage["samples"] == 2

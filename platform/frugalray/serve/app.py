@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from frugalray.serve.config import ResolvedServe, ServeConfig, preflight
+from frugalray.serve.config import ResolvedServe, ServeConfig, api_key_digest, preflight, resolve_api_key
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,22 @@ def build_app(cfg: ServeConfig, resolved: ResolvedServe | None = None):
         "default_round_size": cfg.default_round_size,
         "agreement_window": cfg.agreement_window,
         "stop_rule": cfg.stop_rule,
-        "api_key": cfg.api_key,
+        # Only the key's digest travels to the replica (deployment args live in the controller).
+        "api_key_sha256": api_key_digest(key) if (key := resolve_api_key(cfg)) else None,
+        "request_timeout_s": cfg.request_timeout_s,
+        "cascade_escalate_to": cfg.cascade_escalate_to,
+        "reward_model": cfg.reward_model,
     }
+    from ray.serve.config import BackpressureConfig
+
     ingress = serve.deployment(
         FrugalIngress,
         name=f"{cfg.app_name}-ingress",
         num_replicas=1,
-        max_ongoing_requests=64,
+        max_ongoing_requests=cfg.ingress_max_ongoing_requests,
+        # A full queue: Serve's proxy answers 503 with Retry-After itself, before the ingress runs.
+        max_queued_requests=cfg.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
         ray_actor_options={"num_cpus": cfg.ingress_cpus, "runtime_env": {"env_vars": worker_env()}},
     )
     return ingress.bind(server, settings)
@@ -149,7 +158,7 @@ def inert_adapters(base_url: str, cfg: ServeConfig) -> list[str]:
         return []
     import openai
 
-    client = openai.OpenAI(base_url=base_url, api_key=cfg.api_key or "unused", timeout=120, max_retries=2)
+    client = openai.OpenAI(base_url=base_url, api_key=resolve_api_key(cfg) or "unused", timeout=120, max_retries=2)
 
     def top_logprobs(model: str) -> dict[str, float]:
         resp = client.completions.create(model=model, prompt=ADAPTER_PROBE, max_tokens=1, temperature=0, logprobs=5)

@@ -26,6 +26,16 @@ Fields (all optional; the operator's ServeConfig sets the defaults and the ceili
 - `round_size`: samples per engine request in the adaptive strategies.
 - `answer_extractor`: `number` | `regex` (with `answer_regex`, group 1 or the whole match) |
   `exact` | `choice` (a multiple-choice letter A-J).
+- `escalate_to` (cascade only): the served model/adapter that samples after escalating
+  (default: the operator's `cascade_escalate_to`, else the requested model).
+- `score_with` (best_of_n only): `logprob` (default: each sample's own mean token logprob) or
+  `reward_model` (the mean logprob the operator's `reward_model` gives the sample's tokens).
+
+Also outside OpenAI's spec, at the top level: `timeout_s`, a deadline shorter than the
+server's `request_timeout_s` (past it: HTTP 504).
+
+greedy and self_consistency keep `max_completion_tokens` and `max_flops` too: their single
+round is sized for its worst case (fewer samples, or one shorter sample).
 
 The adaptive strategies never exceed max_samples, max_completion_tokens or max_flops: each
 round is sized for its worst case before it is sent.
@@ -51,6 +61,7 @@ from frugalray.serve.stopping import Sample
 
 Strategy = Literal["self_consistency", "greedy", "adaptive_consistency", "best_of_n", "cascade", "auto"]
 AnswerKind = Literal["number", "regex", "exact", "choice"]
+ScoreWith = Literal["logprob", "reward_model"]
 # Strategies driven round by round by a frugalray.serve.stopping policy.
 ADAPTIVE_STRATEGIES = ("adaptive_consistency", "best_of_n", "cascade", "auto")
 MAX_ANSWER_REGEX_CHARS = 200
@@ -89,6 +100,10 @@ class ComputeBudget(BaseModel):
     round_size: int | None = Field(None, ge=1, description="samples per round; None = server default")
     answer_regex: str | None = Field(None, min_length=1, max_length=MAX_ANSWER_REGEX_CHARS,
                                      validate_default=True, description="pattern for answer_extractor=regex (group 1 or whole match)")
+    escalate_to: str | None = Field(None, min_length=1, max_length=200,
+                                    description="cascade: the served model/adapter that samples after escalating")
+    score_with: ScoreWith | None = Field(None, description="best_of_n: score samples by their own mean logprob "
+                                         "('logprob') or by the server's reward_model ('reward_model')")
 
     @field_validator("max_flops", "confidence", mode="before")
     @classmethod
@@ -114,10 +129,12 @@ class ComputeBudget(BaseModel):
 
 
 @lru_cache(maxsize=16)
-def request_model(max_samples_ceiling: int, max_tokens_ceiling: int) -> type[BaseModel]:
+def request_model(max_samples_ceiling: int, max_tokens_ceiling: int,
+                  request_timeout_s: float = 86400.0) -> type[BaseModel]:
     """The fields of a chat/completions request the ingress acts on, with the operator's limits.
 
-    Other OpenAI fields pass through (extra="allow") and vLLM's own request model checks them.
+    Other OpenAI fields pass through (extra="allow") and vLLM's own request model checks them
+    (vLLM ignores fields it does not know, with a warning in the server log).
     """
 
     class BoundedComputeBudget(ComputeBudget):
@@ -136,8 +153,17 @@ def request_model(max_samples_ceiling: int, max_tokens_ceiling: int) -> type[Bas
         seed: int | None = None
         stream: bool = False
         temperature: float | None = Field(None, ge=0.0, le=2.0)
-        # frugalray extension (outside OpenAI's spec): see the module docstring.
+        # frugalray extensions (outside OpenAI's spec): see the module docstring.
         compute_budget: BoundedComputeBudget | None = None
+        timeout_s: float | None = Field(None, gt=0.0, le=request_timeout_s, allow_inf_nan=False,
+                                        description="a deadline shorter than the server's request_timeout_s")
+
+        @field_validator("timeout_s", "temperature", mode="before")
+        @classmethod
+        def _a_number(cls, value: Any) -> Any:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError("must be a number")
+            return value
 
     return BudgetedRequest
 
@@ -156,11 +182,12 @@ def validation_to_request_error(err: ValidationError) -> RequestError:
     return RequestError(msg, param=param)
 
 
-def parse_request(body: Any, max_samples_ceiling: int, max_tokens_ceiling: int) -> BaseModel:
+def parse_request(body: Any, max_samples_ceiling: int, max_tokens_ceiling: int,
+                  request_timeout_s: float = 86400.0) -> BaseModel:
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object", param=None)
     try:
-        return request_model(max_samples_ceiling, max_tokens_ceiling).model_validate(body)
+        return request_model(max_samples_ceiling, max_tokens_ceiling, request_timeout_s).model_validate(body)
     except ValidationError as err:
         raise validation_to_request_error(err) from None
 
@@ -323,6 +350,59 @@ def request_flops(shape: ModelShape, prompt_tokens: int, completion_tokens: list
     context = prompt_tokens + max(completion_tokens, default=0)
     tokens = prompt_tokens * prompt_passes + sum(completion_tokens)
     return forward_flops_per_token(shape, max(context, 1), lora_params) * tokens
+
+
+def attempts_usage(shape: ModelShape | None, prompt_tokens: int, completion_tokens: list[int],
+                   sample_models: list[str], rounds_by_model: dict[str, int], lora_of: dict[str, int],
+                   seeded: bool = False) -> list[dict[str, Any]]:
+    """Per served model (in order of first use): samples, completion tokens and forward FLOPs.
+
+    A cascade that escalates runs its greedy attempt on one model and its samples on another;
+    each attempt is costed with its own LoRA term, its own prefills (one per round, or one per
+    sample when seeded) and its own longest context. The sum never exceeds what a budget
+    planned with the larger LoRA term and the request's longest context for all samples.
+    """
+    attempts = []
+    for name in dict.fromkeys(sample_models):
+        mine = [c for c, m in zip(completion_tokens, sample_models) if m == name]
+        attempt: dict[str, Any] = {"model": name, "samples": len(mine), "completion_tokens": sum(mine)}
+        if shape is not None:
+            passes = len(mine) if seeded else rounds_by_model.get(name, 1)
+            attempt["flops"] = request_flops(shape, prompt_tokens, mine, lora_of.get(name, 0), passes)
+        attempts.append(attempt)
+    return attempts
+
+
+def scoring_flops(shape: ModelShape, prompt_tokens: int, completion_tokens: list[int], lora_params: int = 0) -> float:
+    """Forward FLOPs of scoring each sample with a reward model: one prefill of prompt + sample
+    (+ the one token vLLM generates after it), per sample. Grows with every sample's length."""
+    total = 0.0
+    for tokens in completion_tokens:
+        length = prompt_tokens + tokens + 1
+        total += forward_flops_per_token(shape, length, lora_params) * length
+    return total
+
+
+def scored_tokens_logprob(token_ids: list[int], prompt_logprobs: list[Any] | None, start: int) -> float | None:
+    """Mean log-probability the scoring model gave token_ids[start:] (a sample after its prompt).
+
+    `prompt_logprobs` is vLLM's per-position list (None for the first token, else a mapping
+    of token id, as a string in JSON, to {"logprob": ...}); the entry of the token actually at
+    that position is used. None when there is nothing to score or the entry is missing.
+    """
+    if not prompt_logprobs or start >= len(token_ids):
+        return None
+    values = []
+    for pos in range(start, min(len(token_ids), len(prompt_logprobs))):
+        entry = prompt_logprobs[pos]
+        if not isinstance(entry, dict):
+            return None
+        found = entry.get(str(token_ids[pos]), entry.get(token_ids[pos]))
+        logprob = found.get("logprob") if isinstance(found, dict) else found
+        if not isinstance(logprob, (int, float)) or math.isnan(logprob):
+            return None
+        values.append(max(float(logprob), -1e4))
+    return sum(values) / len(values) if values else None
 
 
 def budget_usage(shape: ModelShape | None, prompt_tokens: int, completion_tokens: list[int],

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,30 @@ class ServeConfig(StrictModel):
     route_prefix: str = "/"
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
-    api_key: str | None = Field(None, description="when set, requests need `Authorization: Bearer <key>`")
+    # The key itself should come from the environment (`api_key_env`), never from a YAML file
+    # that lands in logs and repositories; `api_key` stays for programmatic use and is kept out of repr.
+    api_key: str | None = Field(None, repr=False,
+                                description="when set, requests need `Authorization: Bearer <key>`")
+    api_key_env: str | None = Field(
+        None, description="name of an environment variable (on the deploying process) holding the API key"
+    )
+
+    # Robustness: admission control and deadlines (HTTP 503 + Retry-After, 504).
+    ingress_max_ongoing_requests: int = Field(64, ge=1, description="requests one ingress replica serves at once")
+    max_queued_requests: int = Field(
+        256, ge=-1, description="requests Serve's proxy queues for the ingress before answering 503; -1 = no limit"
+    )
+    retry_after_s: float = Field(1.0, ge=0.0, le=3600.0, description="Retry-After (s) sent with a 503")
+    request_timeout_s: float = Field(
+        300.0, gt=0.0, le=86400.0, description="a request still running after this many seconds gets HTTP 504"
+    )
+    # Escalation and scoring targets (served names: model_name or an adapter name).
+    cascade_escalate_to: str | None = Field(
+        None, description="cascade escalates its sampling to this served model/adapter by default"
+    )
+    reward_model: str | None = Field(
+        None, description="served model/adapter best_of_n scores samples with (compute_budget.score_with)"
+    )
 
     # Operator ceilings: a request asking for more gets HTTP 400 naming the param.
     max_samples_ceiling: int = Field(16, ge=1, le=256)
@@ -78,6 +103,15 @@ class ServeConfig(StrictModel):
                     f"adapters.{name}: adapter names must be letters, digits, '.', '_' or '-' "
                     "and differ from model_name"
                 )
+        served = {self.model_name, *self.adapters}
+        for key in ("cascade_escalate_to", "reward_model"):
+            target = getattr(self, key)
+            if target is not None and target not in served:
+                problems.append(f"{key}: '{target}' is not served here; use one of {sorted(served)}")
+        if self.api_key is not None and self.api_key_env is not None:
+            problems.append("api_key: set either api_key or api_key_env (preferred), not both")
+        if self.api_key_env is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", self.api_key_env):
+            problems.append(f"api_key_env: '{self.api_key_env}' is not an environment variable name")
         if not self.route_prefix.startswith("/"):
             problems.append(f"route_prefix: '{self.route_prefix}' must start with '/'")
         if self.default_samples > self.max_samples_ceiling:
@@ -152,11 +186,32 @@ def read_adapter(name: str, path: str, max_rank: int) -> tuple[AdapterInfo | Non
     return AdapterInfo(name=name, path=str(p.resolve()), rank=rank, target_modules=targets), []
 
 
+def resolve_api_key(cfg: ServeConfig) -> str | None:
+    """The configured API key: `api_key`, or the value of the environment variable `api_key_env`."""
+    if cfg.api_key_env is not None:
+        value = os.environ.get(cfg.api_key_env)
+        if not value:
+            problem = (f"api_key_env: environment variable {cfg.api_key_env} is not set (or empty); "
+                       "export it before deploying, or drop api_key_env to serve without a key")
+            raise ConfigError([problem])
+        return value
+    return cfg.api_key or None
+
+
+def api_key_digest(key: str) -> str:
+    """What the ingress keeps instead of the key itself (it compares digests)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def preflight(cfg: ServeConfig) -> ResolvedServe:
     """Resolve the model and check every adapter; raise one ConfigError listing all problems."""
     from frugalray.models import model_shape, resolve_model
 
     problems: list[str] = []
+    try:
+        resolve_api_key(cfg)
+    except ConfigError as err:
+        problems.extend(err.problems)
     model_path = None
     try:
         model_path = resolve_model(cfg.model, field="model")

@@ -15,6 +15,15 @@ deployment handle with `.options(stream=True).chat.remote(request)`) and adds:
   whole engine (`CPU Generator does not use offset` -> EngineDeadError), so such a request
   is turned into `n` single-sample requests seeded `seed, seed+1, ...`, run one at a time.
 
+- robustness: an API key (401), deadlines (`request_timeout_s`, or a shorter per-request
+  `timeout_s`: HTTP 504 and the engine request is cancelled, never a hang); the 503 +
+  Retry-After of a full queue comes from Serve's proxy (`max_queued_requests` and
+  `backpressure_config` on this deployment, set in frugalray.serve.app);
+- cascade escalation to another served model/adapter (`compute_budget.escalate_to`, default
+  the operator's `cascade_escalate_to`) and best_of_n scored by a served reward model
+  (`compute_budget.score_with: reward_model`): the mean log-probability that model assigns to
+  each sample after the prompt (vLLM `prompt_logprobs`), its FLOPs counted and budgeted.
+
 This module imports FastAPI and Ray at the top; it is loaded only inside the Serve replica
 and by `frugalray.serve.app.build_app`.
 """
@@ -22,6 +31,9 @@ and by `frugalray.serve.app.build_app`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import json
 import logging
 import time
 from typing import Any
@@ -35,18 +47,30 @@ from frugalray.serve.budget import (
     ADAPTIVE_STRATEGIES,
     ComputeBudget,
     RequestError,
+    attempts_usage,
     budget_usage,
     extract_answer,
     majority_vote,
     parse_request,
     request_flops,
     samples_from_choices,
+    scored_tokens_logprob,
+    scoring_flops,
     validation_to_request_error,
 )
+from frugalray.serve.gate import ExclusiveGate
 
 log = logging.getLogger(__name__)
 
 api = FastAPI(title="frugalray", description="OpenAI-compatible serving under per-request compute budgets")
+
+
+def _wants_prompt_logprobs(kind: str, body: dict[str, Any]) -> bool:
+    """Whether vLLM would compute prompt logprobs for this request (prompt_logprobs, or echo+logprobs)."""
+    if body.get("prompt_logprobs") is not None:
+        return True
+    logprobs = body.get("logprobs")
+    return kind == "completions" and bool(body.get("echo")) and logprobs is not None and logprobs is not False
 
 
 def _choice_text(choice: dict[str, Any]) -> str | None:
@@ -66,6 +90,8 @@ class FrugalIngress:
         # Seeded generation runs one engine request at a time: the CPU sampler's seeded
         # generators are what the engine-killing path touches.
         self._seeded_lock = asyncio.Lock()
+        # Requests that need prompt logprobs run alone in the engine when LoRA is on (gate.py).
+        self._gate = ExclusiveGate()
         self._tokenizer = None  # loaded on the first request with a FLOP budget
 
     # --- routes -------------------------------------------------------------------------
@@ -104,8 +130,16 @@ class FrugalIngress:
     # --- request handling ---------------------------------------------------------------
 
     def _authorize(self, request: Request) -> None:
-        key = self._s.get("api_key")
-        if key and request.headers.get("authorization", "") != f"Bearer {key}":
+        # The replica holds only the key's SHA-256 (frugalray.serve.config.api_key_digest).
+        digest = self._s.get("api_key_sha256")
+        if digest is None and self._s.get("api_key"):
+            digest = hashlib.sha256(self._s["api_key"].encode()).hexdigest()
+        if not digest:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, presented = header.partition(" ")
+        given = hashlib.sha256(presented.strip().encode()).hexdigest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, digest):
             raise RequestError("missing or wrong API key (Authorization: Bearer <key>)", status=401,
                                err_type="authentication_error", code="invalid_api_key")
 
@@ -116,34 +150,21 @@ class FrugalIngress:
                 body = await request.json()
             except ValueError:
                 raise RequestError("request body is not valid JSON") from None
-            req = parse_request(body, self._s["max_samples_ceiling"], self._s["max_tokens_ceiling"])
-            model = req.model or self._s["model_name"]
-            if model not in self._names:
-                raise RequestError(f"model '{model}' is not served here; available: {self._names}",
-                                   param="model", status=404, code="model_not_found")
-            payload = {k: v for k, v in body.items() if k != "compute_budget"}
-            payload["model"] = model
-            if req.max_tokens is None and req.max_completion_tokens is None:
-                payload["max_tokens"] = self._s["default_max_tokens"]
-            budget = req.compute_budget
-            if budget is not None:
-                if req.n > 1:
-                    raise RequestError("n: cannot be combined with compute_budget; use compute_budget.max_samples",
-                                       param="n")
-                if req.stream:
-                    raise RequestError("stream: not supported with compute_budget (the vote needs every sample)",
-                                       param="stream")
-                return JSONResponse(await self._budgeted(kind, payload, budget, req.seed))
-            if req.stream:
-                if req.n > 1 and req.seed is not None:
-                    raise RequestError("seed: streaming with n>1 and a seed is not supported; drop one of them",
-                                       param="seed")
-                return await self._stream(kind, payload)
-            if req.n > 1 and req.seed is not None:
-                return JSONResponse(await self._seeded_fanout(kind, payload, req.n, req.seed))
-            result = await self._call(kind, payload)
-            self._add_flops(result, model, prompt_passes=1)
-            return JSONResponse(result)
+            timeout_ceiling = float(self._s.get("request_timeout_s") or 86400.0)
+            req = parse_request(body, self._s["max_samples_ceiling"], self._s["max_tokens_ceiling"],
+                                timeout_ceiling)
+            timeout = req.timeout_s or timeout_ceiling
+            deadline = asyncio.get_running_loop().time() + timeout
+            limit = asyncio.timeout_at(deadline)
+            try:
+                async with limit:
+                    return await self._dispatch(kind, body, req, deadline)
+            except TimeoutError:
+                if not limit.expired():
+                    raise
+                raise RequestError(f"the request did not finish within {timeout:g}s (its deadline: timeout_s or "
+                                   "the server's request_timeout_s); ask for less or retry later",
+                                   status=504, err_type="timeout_error", code="timeout") from None
         except RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
         except Exception as err:
@@ -151,6 +172,72 @@ class FrugalIngress:
             body = RequestError(f"server error: {type(err).__name__}: {err}", status=500,
                                 err_type="server_error").body()
             return JSONResponse(body, status_code=500)
+
+    async def _dispatch(self, kind: str, body: dict[str, Any], req, deadline: float):
+        model = req.model or self._s["model_name"]
+        if model not in self._names:
+            raise RequestError(f"model '{model}' is not served here; available: {self._names}",
+                               param="model", status=404, code="model_not_found")
+        payload = {k: v for k, v in body.items() if k not in ("compute_budget", "timeout_s")}
+        payload["model"] = model
+        if req.max_tokens is None and req.max_completion_tokens is None:
+            payload["max_tokens"] = self._s["default_max_tokens"]
+        budget = req.compute_budget
+        if self._s["adapters"] and _wants_prompt_logprobs(kind, body):
+            # vLLM-CPU + LoRA: prompt logprobs of a batch of >1 request kill the engine (gate.py),
+            # so such a request must be one sequence and runs alone.
+            param = "prompt_logprobs" if body.get("prompt_logprobs") is not None else "echo"
+            single_prompt = kind == "chat" or isinstance(body.get("prompt"), str) or (
+                isinstance(body.get("prompt"), list) and all(isinstance(t, int) for t in body["prompt"]))
+            if budget is not None or req.n > 1 or req.stream or not single_prompt:
+                raise RequestError(f"{param}: prompt logprobs are served for one prompt, n=1, without stream "
+                                   "or compute_budget on this engine", param=param)
+            result = await self._call(kind, payload, exclusive=True)
+            self._add_flops(result, model, prompt_passes=1)
+            return JSONResponse(result)
+        if budget is not None:
+            self._check_budget_targets(budget)
+            if req.n > 1:
+                raise RequestError("n: cannot be combined with compute_budget; use compute_budget.max_samples",
+                                   param="n")
+            if req.stream:
+                if budget.strategy != "greedy":
+                    raise RequestError("stream: with compute_budget only strategy 'greedy' streams "
+                                       "(the other strategies need every sample first)", param="stream")
+                greedy = dict(payload, n=1, temperature=0.0)
+                greedy.pop("seed", None)
+                return await self._stream(kind, greedy, deadline)
+            return JSONResponse(await self._budgeted(kind, payload, budget, req.seed))
+        if req.stream:
+            if req.n > 1 and req.seed is not None:
+                raise RequestError("seed: streaming with n>1 and a seed is not supported; drop one of them",
+                                   param="seed")
+            return await self._stream(kind, payload, deadline)
+        if req.n > 1 and req.seed is not None:
+            return JSONResponse(await self._seeded_fanout(kind, payload, req.n, req.seed))
+        result = await self._call(kind, payload)
+        self._add_flops(result, model, prompt_passes=1)
+        return JSONResponse(result)
+
+    def _check_budget_targets(self, budget: ComputeBudget) -> None:
+        """escalate_to / score_with name served models and fit the strategy (400 naming the param)."""
+        if budget.escalate_to is not None:
+            if budget.strategy != "cascade":
+                raise RequestError("compute_budget.escalate_to: only used with strategy 'cascade'",
+                                   param="compute_budget.escalate_to")
+            if budget.escalate_to not in self._names:
+                raise RequestError(f"compute_budget.escalate_to: '{budget.escalate_to}' is not served here; "
+                                   f"available: {self._names}", param="compute_budget.escalate_to")
+        if budget.score_with is not None and budget.strategy != "best_of_n":
+            raise RequestError("compute_budget.score_with: only used with strategy 'best_of_n'",
+                               param="compute_budget.score_with")
+        if budget.score_with == "reward_model":
+            if not self._s.get("reward_model"):
+                raise RequestError("compute_budget.score_with: this server has no reward_model configured; "
+                                   "use 'logprob'", param="compute_budget.score_with")
+            if self._s.get("shape") is None or self._s.get("model_path") is None:
+                raise RequestError("compute_budget.score_with: this server cannot tokenize for scoring",
+                                   param="compute_budget.score_with")
 
     def _validated(self, kind: str, payload: dict[str, Any]):
         from ray.llm._internal.serve.core.configs.openai_api_models import (
@@ -164,6 +251,9 @@ class FrugalIngress:
             request = cls.model_validate(payload)
         except ValidationError as err:
             raise validation_to_request_error(err) from None
+        except Exception as err:  # noqa: BLE001 - e.g. VLLMValidationError raised inside vLLM's validators
+            param = getattr(err, "parameter", None)
+            raise RequestError(f"{param or 'request'}: {err}", param=param) from None
         if kind == "chat":
             request = _sanitize_chat_completion_request(request)
         return request
@@ -177,35 +267,67 @@ class FrugalIngress:
             raise RequestError(err.message, param=getattr(err, "param", None), status=int(err.code or 500),
                                err_type=err.type or "server_error")
 
-    async def _call(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+    async def _call(self, kind: str, payload: dict[str, Any], exclusive: bool = False) -> dict[str, Any]:
         """One non-streaming engine request -> the OpenAI response as a dict."""
         request = self._validated(kind, payload)
         if payload.get("seed") is not None:
             async with self._seeded_lock:
-                return await self._collect(kind, request)
-        return await self._collect(kind, request)
+                return await self._collect(kind, request, exclusive)
+        return await self._collect(kind, request, exclusive)
 
-    async def _collect(self, kind: str, request) -> dict[str, Any]:
+    async def _collect(self, kind: str, request, exclusive: bool = False) -> dict[str, Any]:
         result = None
-        async for item in getattr(self._server, kind).remote(request, None):
-            self._raise_if_error(item)
-            result = item
+        async with (self._gate.exclusive() if exclusive else self._gate.shared()):
+            gen = getattr(self._server, kind).remote(request, None)
+            try:
+                async for item in gen:
+                    self._raise_if_error(item)
+                    result = item
+            except asyncio.CancelledError:
+                gen.cancel()  # a deadline passed: stop the engine's work on it too
+                raise
         if result is None:
             raise RequestError("the engine returned no response", status=500, err_type="server_error")
         return result.model_dump(mode="json")
 
-    async def _stream(self, kind: str, payload: dict[str, Any]):
+    async def _stream(self, kind: str, payload: dict[str, Any], deadline: float):
         from ray.llm._internal.serve.core.ingress.utils import _apply_openai_json_format
 
         request = self._validated(kind, payload)
+        await self._gate.acquire_shared()  # held until the stream ends (released in chunks())
         gen = getattr(self._server, kind).remote(request, None)
-        first = await gen.__anext__()
-        self._raise_if_error(first[0] if isinstance(first, list) and first else first)
+        try:
+            first = await gen.__anext__()  # under the caller's deadline
+            self._raise_if_error(first[0] if isinstance(first, list) and first else first)
+        except BaseException:
+            gen.cancel()
+            self._gate.release_shared_later(1.0)
+            raise
+        loop = asyncio.get_running_loop()
 
         async def chunks():
-            yield _apply_openai_json_format(first)
-            async for item in gen:
-                yield _apply_openai_json_format(item)
+            finished = False
+            try:
+                yield _apply_openai_json_format(first)
+                while True:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    try:
+                        item = await asyncio.wait_for(gen.__anext__(), remaining)
+                    except StopAsyncIteration:
+                        finished = True
+                        break
+                    yield _apply_openai_json_format(item)
+            except TimeoutError:
+                # Headers are sent: the deadline can only be reported in the stream itself.
+                err = RequestError("the stream did not finish within its deadline", status=504,
+                                   err_type="timeout_error", code="timeout")
+                yield f"data: {json.dumps(err.body())}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                gen.cancel()
+                self._gate.release_shared_later(0.0 if finished else 1.0)
 
         return StreamingResponse(chunks(), media_type="text/event-stream")
 
@@ -230,6 +352,13 @@ class FrugalIngress:
         model = payload["model"]
         if budget.strategy in ADAPTIVE_STRATEGIES:
             return await self._adaptive(kind, payload, budget, seed)
+        # The fixed strategies also keep max_completion_tokens and max_flops: their one round is
+        # sized for its worst case first (fewer samples, or one shorter sample), as the adaptive ones.
+        wanted = 1 if budget.strategy == "greedy" else budget.max_samples or self._s["default_samples"]
+        k, max_tokens = await self._fit_fixed_round(kind, payload, budget, wanted,
+                                                    seeded=seed is not None and budget.strategy != "greedy")
+        payload = dict(payload, max_tokens=max_tokens)
+        payload.pop("max_completion_tokens", None)
         if budget.strategy == "greedy":
             one = dict(payload, n=1, temperature=0.0)
             one.pop("seed", None)  # greedy needs no seed, and an unseeded request is the safe one
@@ -243,7 +372,6 @@ class FrugalIngress:
             result["usage"]["answer"] = answer
             return result
 
-        k = budget.max_samples or self._s["default_samples"]
         sampled = dict(payload, temperature=payload.get("temperature") or self._s["sample_temperature"])
         if seed is None:
             # One request with n=k and no seed: the samples share one prefill.
@@ -273,6 +401,32 @@ class FrugalIngress:
         result["usage"]["answer"] = winner
         result["usage"]["answer_counts"] = counts
         return result
+
+    async def _fit_fixed_round(self, kind: str, payload: dict[str, Any], budget: ComputeBudget, wanted: int,
+                               seeded: bool) -> tuple[int, int]:
+        """(samples, max_tokens per sample) of greedy/self_consistency's single round within the budget."""
+        from frugalray.serve.stopping import Limits, plan_round
+
+        per_sample = payload.get("max_completion_tokens") or payload["max_tokens"]
+        if budget.max_completion_tokens is None and budget.max_flops is None:
+            return wanted, per_sample
+        shape = self._s.get("shape")
+        if budget.max_flops is not None and shape is None:
+            raise RequestError("compute_budget.max_flops: this server cannot count FLOPs (no model shape)",
+                               param="compute_budget.max_flops")
+        self._validated(kind, dict(payload, n=1))  # a bad request fails here, before any work
+        prompt_tokens = await self._count_prompt_tokens(kind, payload) if budget.max_flops is not None else 0
+        lora = self._lora_params(payload["model"])
+
+        def flops_of(completions: list[int], rounds: int) -> float:
+            return request_flops(shape, prompt_tokens, completions, lora, len(completions) if seeded else rounds)
+
+        plan = plan_round(wanted, [], 0, Limits(wanted, per_sample, budget.max_completion_tokens, budget.max_flops),
+                          flops_of if shape is not None else None)
+        if isinstance(plan, str):
+            raise RequestError(f"compute_budget.{plan}: the budget does not cover a single sample of this prompt; "
+                               "raise it", param=f"compute_budget.{plan}")
+        return plan.n, plan.max_tokens
 
     # --- adaptive strategies -------------------------------------------------------------
 
@@ -309,6 +463,58 @@ class FrugalIngress:
             raise RequestError(f"messages: cannot render the prompt to count its tokens ({err})",
                                param="messages" if kind == "chat" else "prompt") from None
 
+    async def _prompt_ids(self, kind: str, payload: dict[str, Any]) -> list[int]:
+        """The prompt's token ids under the served tokenizer and chat template."""
+        tokenizer = await self._load_tokenizer()
+
+        def encode() -> list[int]:
+            if kind == "chat":
+                ids = tokenizer.apply_chat_template(payload["messages"], add_generation_prompt=True, tokenize=True)
+                if not isinstance(ids, list):
+                    ids = ids["input_ids"]
+                return list(ids)
+            return list(tokenizer(payload["prompt"]).input_ids)
+
+        try:
+            return await asyncio.to_thread(encode)
+        except Exception as err:  # noqa: BLE001 - a prompt the template cannot render is the client's
+            raise RequestError(f"cannot render the prompt to tokenize it ({err})",
+                               param="messages" if kind == "chat" else "prompt") from None
+
+    async def _load_tokenizer(self):
+        if self._tokenizer is None:
+            from frugalray.models import load_tokenizer
+
+            self._tokenizer = await asyncio.to_thread(load_tokenizer, self._s["model_path"])
+        return self._tokenizer
+
+    async def _reward_scores(self, prompt_ids: list[int], choices: list[dict[str, Any]],
+                             completion_tokens: list[int]) -> tuple[list[float | None], list[int]]:
+        """Mean logprob the reward model assigns each sample's tokens after the prompt.
+
+        One completions request per sample (token ids: prompt + sample), asking vLLM for
+        `prompt_logprobs`. A sample is scored on at most as many tokens as it generated,
+        so the FLOPs stay within what the budget planned. Returns (scores, scored tokens per sample).
+        """
+        tokenizer = await self._load_tokenizer()
+        texts = [_choice_text(c) or "" for c in choices]
+        answer_ids = await asyncio.to_thread(
+            lambda: [tokenizer(t, add_special_tokens=False).input_ids for t in texts])
+        answer_ids = [ids[:max(n, 0)] for ids, n in zip(answer_ids, completion_tokens)]
+        scores: list[float | None] = [None] * len(choices)
+        for i, ids in enumerate(answer_ids):
+            if not ids:
+                continue
+            # One sequence per engine request, alone in the engine (see gate.py): prompt logprobs
+            # of a multi-request batch crash vLLM-CPU's LoRA logits path.
+            result = await self._call("completions", {
+                "model": self._s["reward_model"], "prompt": prompt_ids + ids,
+                "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0,
+            }, exclusive=bool(self._s["adapters"]))
+            choice = result["choices"][0] if result.get("choices") else {}
+            scores[i] = scored_tokens_logprob(prompt_ids + ids, choice.get("prompt_logprobs"), len(prompt_ids))
+        return scores, [len(ids) for ids in answer_ids]
+
     async def _adaptive(self, kind: str, payload: dict[str, Any], budget: ComputeBudget,
                         seed: int | None) -> dict[str, Any]:
         """Sample in rounds planned by a stopping policy; return the sample it picks."""
@@ -317,27 +523,44 @@ class FrugalIngress:
         s = self._s
         model = payload["model"]
         shape = s.get("shape")
-        lora = self._lora_params(model)
         if kind == "completions" and not isinstance(payload.get("prompt"), str):
             raise RequestError(f"prompt: strategy {budget.strategy} needs one string prompt", param="prompt")
         if budget.max_flops is not None and shape is None:
             raise RequestError("compute_budget.max_flops: this server cannot count FLOPs (no model shape)",
                                param="compute_budget.max_flops")
         self._validated(kind, dict(payload, n=1))  # a bad request fails here, before any work
+        # cascade: the greedy attempt runs on the requested model, the sampling after an
+        # escalation on escalate_to (request) or cascade_escalate_to (operator), else the same model.
+        escalate_to = model
+        if budget.strategy == "cascade":
+            escalate_to = budget.escalate_to or s.get("cascade_escalate_to") or model
+        reward_model = s.get("reward_model") if budget.score_with == "reward_model" else None
+        lora = self._lora_params(model)
+        lora_bound = max(lora, self._lora_params(escalate_to))
+        lora_reward = self._lora_params(reward_model) if reward_model else 0
         per_sample = payload.pop("max_completion_tokens", None) or payload["max_tokens"]
         max_samples = budget.max_samples or s.get("default_adaptive_samples") or s["max_samples_ceiling"]
         limits = Limits(max_samples=max_samples, max_tokens=per_sample,
                         max_completion_tokens=budget.max_completion_tokens, max_flops=budget.max_flops)
         seeded = seed is not None
         prompt = {"tokens": 0}
-        if budget.max_flops is not None:
+        prompt_ids: list[int] = []
+        if reward_model:
+            prompt_ids = await self._prompt_ids(kind, payload)
+            prompt["tokens"] = len(prompt_ids)
+        elif budget.max_flops is not None:
             # The first round's worst case needs the prompt length before anything is generated.
             prompt["tokens"] = await self._count_prompt_tokens(kind, payload)
 
         def flops_of(completions: list[int], rounds: int) -> float:
-            # Seeded samples run one request each, so each pays its own prefill.
+            # Seeded samples run one request each, so each pays its own prefill. With an
+            # escalation target the larger LoRA term bounds both models; the reward model's
+            # scoring prefill of every sample counts too.
             passes = len(completions) if seeded else rounds
-            return request_flops(shape, prompt["tokens"], completions, lora, passes)
+            total = request_flops(shape, prompt["tokens"], completions, lora_bound, passes)
+            if reward_model:
+                total += scoring_flops(shape, prompt["tokens"], completions, lora_reward)
+            return total
 
         round_size = min(budget.round_size or s.get("default_round_size", 4), max_samples)
         policy = make_policy(
@@ -350,9 +573,13 @@ class FrugalIngress:
         wants_logprobs = asked is not None and asked is not False  # completions' logprobs=0 is a request
         temperature = payload.get("temperature") or s["sample_temperature"]
         choices: list[dict[str, Any]] = []
+        sample_models: list[str] = []
+        rounds_by_model: dict[str, int] = {}
+        scored_tokens: list[int] = []
         last: dict[str, Any] | None = None
         while (plan := policy.next_round()) is not None:
-            round_payload = dict(payload, max_tokens=plan.max_tokens,
+            round_model = model if (plan.greedy or budget.strategy != "cascade") else escalate_to
+            round_payload = dict(payload, model=round_model, max_tokens=plan.max_tokens,
                                  temperature=0.0 if plan.greedy else temperature)
             round_payload.pop("seed", None)
             if not wants_logprobs:
@@ -371,8 +598,14 @@ class FrugalIngress:
                 totals = [last["usage"]["completion_tokens"]]
             prompt["tokens"] = max(prompt["tokens"], int(last["usage"]["prompt_tokens"]))
             samples = samples_from_choices(got, totals, budget.answer_extractor, budget.answer_regex)
+            if reward_model:
+                scores, scored = await self._reward_scores(prompt_ids, got, [x.completion_tokens for x in samples])
+                samples = [type(x)(x.answer, x.completion_tokens, score) for x, score in zip(samples, scores)]
+                scored_tokens.extend(scored)
             policy.observe(samples)
             choices.extend(got)
+            sample_models.extend([round_model] * len(got))
+            rounds_by_model[round_model] = rounds_by_model.get(round_model, 0) + 1
         outcome = policy.outcome()
         if outcome.pick is None or last is None:
             param = f"compute_budget.{policy.reason}" if policy.reason in (
@@ -383,13 +616,27 @@ class FrugalIngress:
         chosen = dict(choices[outcome.pick], index=0)
         if not wants_logprobs:
             chosen["logprobs"] = None
-        result = dict(last, choices=[chosen])
+        answered_by = sample_models[outcome.pick]
+        result = dict(last, choices=[chosen], model=answered_by)
         passes = len(completions) if seeded else outcome.rounds
         result["usage"] = budget_usage(shape, prompt["tokens"], completions, budget.strategy, outcome.confidence,
                                        lora, prompt_passes=passes, stopped_early=outcome.stopped_early)
+        attempts = attempts_usage(shape, prompt["tokens"], completions, sample_models, rounds_by_model,
+                                  {name: self._lora_params(name) for name in set(sample_models)}, seeded)
+        if shape is not None:
+            result["usage"]["flops"] = sum(a["flops"] for a in attempts)
+            if reward_model:
+                spent = scoring_flops(shape, prompt["tokens"], scored_tokens, lora_reward)
+                result["usage"]["scoring_flops"] = spent
+                result["usage"]["flops"] += spent
+        if reward_model:
+            result["usage"]["scored_by"] = reward_model
+        if budget.strategy == "best_of_n":
+            # what each sample scored (mean token logprob, own or the reward model's), in order
+            result["usage"]["sample_scores"] = [smp.mean_logprob for smp in policy.samples]
         result["usage"].update(
             answer=outcome.answer, answer_counts=outcome.answer_counts, rounds=outcome.rounds,
-            prompt_passes=passes, stop_reason=outcome.reason,
+            prompt_passes=passes, stop_reason=outcome.reason, answered_by=answered_by, attempts=attempts,
             budget={"max_samples": limits.max_samples, "max_completion_tokens": limits.max_completion_tokens,
                     "max_flops": limits.max_flops, "confidence": policy.confidence, "round_size": round_size},
         )

@@ -1,9 +1,11 @@
-"""Ray Job: score a dataset by a reference model's perplexity (Ray Data actor pool).
+"""Ray Job: score every row of a dataset (perplexity, IFD, GraNd, learning dynamics, influence,
+heuristics, duplicates) on a Ray Data actor pool; malformed rows go to a quarantine file.
 
     python jobs/score.py --config jobs/configs/score.yaml --run-dir runs/data
     ray job submit --working-dir . -- python jobs/score.py --config jobs/configs/score.yaml
 
 The default input is the built-in task set; make it first with `frugalray data generate`.
+Killed mid-run? Run the same command again: finished output shards are kept, not rescored.
 """
 
 from __future__ import annotations
@@ -38,11 +40,16 @@ def main(argv: list[str] | None = None) -> int:
         print(err, file=sys.stderr)
         return 2
 
-    # 3. Summary.
+    # 3. Summary: every row read is either scored or quarantined (run_score checks it, too).
     print(
-        f"scored {result.rows_scored}/{result.rows_in} rows ({result.rows_quarantined} quarantined: "
-        f"{result.quarantine_reasons or 'none'}); {result.tokens} tokens, {result.flops:.3g} FLOPs, "
-        f"{result.wall_s:.1f}s ({result.tokens_per_s:.0f} tokens/s); median perplexity "
+        f"rows_in {result.rows_in} = scored {result.rows_scored} + quarantined {result.rows_quarantined} "
+        f"({result.quarantine_reasons or 'none'})"
+    )
+    print(
+        f"scorers {', '.join(result.scorers)}: {result.rows_scored_now} rows scored now, "
+        f"{result.shards_resumed}/{result.shards} shards resumed; {result.tokens} tokens; "
+        f"{result.flops_now:.3g} FLOPs now ({result.flops:.3g} for the whole output); {result.wall_s:.1f}s; "
+        f"median perplexity "
         f"{result.median_perplexity if result.median_perplexity is None else round(result.median_perplexity, 3)}"
     )
     print(f"output: {result.output_path}\nquarantine: {result.quarantine_path}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
 from frugalray.budget.flops import forward_flops_per_token
 from frugalray.budget.ledger import ComputeLedger
 from frugalray.config import ConfigError
@@ -21,6 +22,7 @@ from frugalray.models import model_shape
 def _direct_perplexity(model_path: str, prompt: str, response: str) -> tuple[float, int]:
     """Response-token perplexity from one unbatched fp32 forward pass and a full log-softmax."""
     import torch
+
     from frugalray.models import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(model_path)
@@ -107,8 +109,9 @@ def _direct_losses(model_path: str, prompt: str, response: str, lora: dict) -> t
     """(conditional loss, response-alone loss, LoRA gradient norm), each from HF's own loss in a
     plain unbatched torch loop: the independent check of IFD and GraNd."""
     import torch
-    from frugalray.models import load_causal_lm, load_tokenizer
     from peft import LoraConfig, get_peft_model
+
+    from frugalray.models import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(model_path)
     model = load_causal_lm(model_path, dtype="float32").eval()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from frugalray.config import ConfigError, parse_config
 from frugalray.data.generate import GenerateConfig, generate_tasks, write_rows
 from frugalray.data.loaders import FieldMapping, load_records, write_quarantine
@@ -179,3 +180,39 @@ def test_shared_alpaca_json():
     assert len(result.rows) > 4900
     with pytest.raises(ConfigError, match="fields.response: column 'response'"):
         load_records(ALPACA, FieldMapping())
+
+
+def test_non_text_and_undecodable_fields_are_quarantined(tmp_path):
+    lines = [
+        json.dumps({"id": "ok", "instruction": "tab\tand newline\nare text", "input": "", "output": "fine"}),
+        json.dumps({"id": "nul", "instruction": "q", "input": "", "output": "a\u0000b"}),
+        json.dumps({"id": "ctl", "instruction": "\u0001\u0002\u0003 binary", "input": "", "output": "x"}),
+        json.dumps({"id": "fffd", "instruction": "q", "input": "", "output": "caf\ufffd"}),
+        '{"id": "surrogate", "instruction": "q", "input": "", "output": "bad \\ud800 half"}',
+    ]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    result = load_records(path, FieldMapping.alpaca())
+    assert [r["id"] for r in result.rows] == ["ok"]
+    reasons = {q["id"]: q["quarantine_reason"] for q in result.quarantined}
+    assert reasons["nul"].startswith("non-text: response")
+    assert reasons["ctl"].startswith("non-text: instruction")
+    assert reasons["fffd"].startswith("undecodable: response") and "U+FFFD" in reasons["fffd"]
+    assert reasons["surrogate"].startswith("undecodable") and "U+D800" in reasons["surrogate"]
+    # The quarantine file stays valid UTF-8 JSONL even for a lone surrogate.
+    out = write_quarantine(result.quarantined, tmp_path / "q.jsonl")
+    assert len([json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]) == 4
+
+
+def test_binary_parquet_columns_decode_or_are_quarantined(tmp_path):
+    table = pa.table({
+        "id": ["utf8", "latin1"],
+        "instruction": ["q", "q"],
+        "input": ["", ""],
+        "output": pa.array([b"caf\xc3\xa9", b"caf\xe9"], type=pa.binary()),
+    })
+    pq.write_table(table, tmp_path / "b.parquet")
+    result = load_records(tmp_path / "b.parquet", FieldMapping.alpaca())
+    assert [(r["id"], r["response"]) for r in result.rows] == [("utf8", "café")]
+    (q,) = result.quarantined
+    assert q["id"] == "latin1" and q["quarantine_reason"].startswith("undecodable: response (column 'output') is bytes")

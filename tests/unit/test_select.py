@@ -11,13 +11,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from frugalray.budget.ledger import ComputeLedger
 from frugalray.config import ConfigError, load_config, parse_config
 from frugalray.data.loaders import FieldMapping, load_records
 from frugalray.data.score import ScoreConfig
 from frugalray.data.select import SelectConfig, curriculum_order, run_select, select_rows
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,16 +77,19 @@ def test_token_budget_first_fit_and_random_is_seeded():
     a = select_rows(rows, strategy="random", keep_fraction=0.5, seed=1)
     b = select_rows(rows, strategy="random", keep_fraction=0.5, seed=1)
     assert [r["id"] for r in a.kept] == [r["id"] for r in b.kept]
-    with pytest.raises(ValueError, match="exactly one"):
-        select_rows(rows, keep_fraction=0.5, token_budget=3)
+    with pytest.raises(ValueError, match="at least one"):
+        select_rows(rows)
+    both = select_rows(rows, strategy="lowest", keep_fraction=0.5, token_budget=12)  # both limits hold
+    assert [r["id"] for r in both.kept] == ["0", "2"]
 
 
-def test_select_config_needs_exactly_one_limit():
+def test_select_config_needs_a_limit():
     base = {"input_path": "x", "output_path": "y.jsonl"}
-    for extra in ({}, {"keep_fraction": 0.5, "token_budget": 100}):
-        with pytest.raises(ConfigError) as err:
-            parse_config(SelectConfig, {**base, **extra})
-        assert "keep_fraction" in str(err.value) and "token_budget" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        parse_config(SelectConfig, base)
+    assert "keep_fraction" in str(err.value) and "token_budget" in str(err.value) and "budget" in str(err.value)
+    both = parse_config(SelectConfig, {**base, "keep_fraction": 0.5, "token_budget": 100})
+    assert (both.keep_fraction, both.token_budget) == (0.5, 100)
     with pytest.raises(ConfigError, match="keep_fraction"):
         parse_config(SelectConfig, {**base, "keep_fraction": 1.5})
     with pytest.raises(ConfigError, match="strategy"):

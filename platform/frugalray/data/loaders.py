@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,6 +219,30 @@ class _Reject(Exception):
     pass
 
 
+# Control characters other than tab / newline / carriage return: a text field made of them
+# (or holding a NUL) is binary data that slipped into a string column.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_UNDECODABLE = re.compile("[\ufffd\ud800-\udfff]")
+NON_TEXT_CONTROL_FRACTION = 0.05
+
+
+def check_text(value: str, what: str) -> str:
+    """`value`, or `_Reject` when it is not text a tokenizer should see.
+
+    - `undecodable`: holds U+FFFD, the mark a decoder leaves where bytes were not valid text,
+      or a lone surrogate (a JSON `\\ud800` escape), which no encoder can write back;
+    - `non-text`: holds a NUL, or more than 5% control characters (binary data in a string).
+    """
+    bad = _UNDECODABLE.search(value)
+    if bad:
+        raise _Reject(f"undecodable: {what} holds U+{ord(bad.group(0)):04X} at character {bad.start()} "
+                      "(bytes that were not valid text)")
+    controls = len(_CONTROL.findall(value))
+    if controls and ("\x00" in value or controls > NON_TEXT_CONTROL_FRACTION * len(value)):
+        raise _Reject(f"non-text: {what} has {controls} control characters in {len(value)} (binary data?)")
+    return value
+
+
 def _text(record: dict, name: str, column: str | None, required: bool) -> str:
     if column is None:
         return ""
@@ -226,9 +251,15 @@ def _text(record: dict, name: str, column: str | None, required: bool) -> str:
         if required:
             raise _Reject(f"missing field: {name} (column '{column}') is absent or null")
         return ""
+    what = f"{name} (column '{column}')"
+    if isinstance(value, (bytes, bytearray)):  # a binary Parquet/HF column: text only if it decodes
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise _Reject(f"undecodable: {what} is bytes that are not UTF-8 ({err})") from None
     if not isinstance(value, str):
-        raise _Reject(f"non-string field: {name} (column '{column}') is {type(value).__name__}, not a string")
-    return value
+        raise _Reject(f"non-string field: {what} is {type(value).__name__}, not a string")
+    return check_text(value, what)
 
 
 def _from_messages(record: dict, column: str) -> tuple[str, str]:
@@ -247,8 +278,8 @@ def _from_messages(record: dict, column: str) -> tuple[str, str]:
     for turn in reversed(turns[:-1]):
         if turn["role"] != "user":
             break
-        user_turns.append(turn["content"].strip())
-    return "\n\n".join(reversed(user_turns)), turns[-1]["content"]
+        user_turns.append(check_text(turn["content"], f"messages (column '{column}')").strip())
+    return "\n\n".join(reversed(user_turns)), check_text(turns[-1]["content"], f"messages (column '{column}')")
 
 
 def normalize_record(record: dict, index: int, fields: FieldMapping, max_chars: int) -> dict:
@@ -305,6 +336,7 @@ def write_quarantine(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Quarantined rows as JSONL (their columns differ row to row, so not Parquet)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
+    # backslashreplace: an undecodable row's lone surrogates are written as JSON escapes, not lost.
+    with open(path, "w", encoding="utf-8", errors="backslashreplace") as fh:
         fh.writelines(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
     return path

@@ -20,9 +20,11 @@ from frugalray.config import ConfigError
 # stage -> (module, config class, run function, what it does)
 STAGES: dict[str, tuple[str, str, str, str]] = {
     "score": ("frugalray.data.score", "ScoreConfig", "run_score",
-              "score every example with a reference model on a Ray Data actor pool (perplexity)"),
+              ("score every example on a Ray Data actor pool (perplexity, IFD, GraNd, dynamics, influence, "
+               "pass rate, heuristics, duplicates); resumes a killed run")),
     "select": ("frugalray.data.select", "SelectConfig", "run_select",
-               "keep a fraction or a token budget of scored examples; write the subset and a report"),
+               "keep scored examples under a row, token or training-FLOP budget (knapsack; strategy auto runs "
+               "a proxy experiment); write the subset and a report"),
     "finetune": ("frugalray.train.finetune", "FinetuneConfig", "run_finetune",
                  "QLoRA/LoRA fine-tune with Ray Train; save the PEFT adapter as a checkpoint"),
     "sweep": ("frugalray.tune.sweep", "SweepConfig", "run_sweep",
@@ -86,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       help="continue the sweep in RUN_DIR after its driver died (no --config)")
             stage_parser.add_argument("--flop-caps", default=None, metavar="C1,C2,...",
                                       help="budget ladder: one sweep at the largest cap, the best config at each")
+        if name == "finetune":
+            stage_parser.add_argument("--resume-from", default=None, metavar="RUN_DIR_OR_CHECKPOINT",
+                                      help="continue a finished or stopped run from its latest checkpoint "
+                                           "(raise max_steps)")
 
     serve = sub.add_parser("serve", help="serve the model and adapters (Ray Serve LLM + vLLM) until Ctrl-C")
     serve.add_argument("--config", default="serve/config.yaml", help="Serve config (serve/config.yaml)")
@@ -93,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipe = sub.add_parser("pipeline", help="generate -> score -> select -> finetune -> sweep -> serve-and-query")
     _add_stage_args(pipe)
+
+    from frugalray.train.memory import add_plan_memory_parser
+
+    add_plan_memory_parser(sub)  # frugalray plan-memory (the memory planner)
 
     ledger = sub.add_parser("ledger", help="print the FLOPs a run spent, per stage")
     ledger.add_argument("run_dir")
@@ -181,7 +191,10 @@ def cmd_stage(args) -> int:
         _print_result(result)
         return 0
     cfg_cls, run = _load_stage(args.command)
-    cfg = load_config(cfg_cls, args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "resume_from", None):  # finetune --resume-from
+        overrides.append(f"resume_from={args.resume_from}")
+    cfg = load_config(cfg_cls, args.config, overrides)
     run_dir = Path(args.run_dir or f"runs/{args.command}")
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
@@ -301,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_data_generate(args)
         if args.command in STAGES:
             return cmd_stage(args)
+        if args.command == "plan-memory":
+            from frugalray.train.memory import cmd_plan_memory
+
+            return cmd_plan_memory(args)
         handler = {"serve": cmd_serve, "pipeline": cmd_pipeline, "ledger": cmd_ledger,
                    "report": cmd_report, "submit": cmd_submit, "jobs": cmd_jobs}[args.command]
         return handler(args)

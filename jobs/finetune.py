@@ -1,7 +1,13 @@
-"""Ray Job: LoRA / QLoRA fine-tuning with Ray Train; the adapter lands in <run-dir>/adapter.
+"""Ray Job: full / LoRA / QLoRA fine-tuning with Ray Train (FSDP2 for num_workers > 1).
 
     python jobs/finetune.py --config jobs/configs/finetune.yaml --run-dir runs/finetune
+    python jobs/finetune.py --config jobs/configs/finetune.yaml --set num_workers=2 --set checkpoint_every=5
+    python jobs/finetune.py --config jobs/configs/finetune.yaml --resume-from runs/finetune --set max_steps=40
     ray job submit --working-dir . -- python jobs/finetune.py --config jobs/configs/finetune.yaml
+
+The adapter lands in <run-dir>/adapter (the full model in <run-dir>/model for method: full);
+resumable checkpoints (adapter, optimizer, LR schedule, data position, RNG) under
+<run-dir>/ray_train; every step's loss/tokens/FLOPs in <run-dir>/steps.jsonl.
 
 The default data is the select job's output (runs/data/selected.jsonl); run jobs/score.py
 and jobs/select_data.py first, or point data_path at any .jsonl/.json/.parquet dataset.
@@ -23,12 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML file of FinetuneConfig fields")
     parser.add_argument("--run-dir", default="runs/finetune", help="where the adapter, checkpoints and ledger go")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--resume-from", default=None, metavar="RUN_DIR_OR_CHECKPOINT",
+                        help="continue a finished or stopped run from its latest checkpoint (raise max_steps)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     # 1. Validate the config, the model and the data before any Ray work.
     try:
-        cfg = load_config(FinetuneConfig, args.config, args.set)
+        overrides = args.set + ([f"resume_from={args.resume_from}"] if args.resume_from else [])
+        cfg = load_config(FinetuneConfig, args.config, overrides)
         preflight_finetune(cfg)
     except ConfigError as err:
         print(err, file=sys.stderr)
@@ -46,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{result.eval_loss_before} -> {result.eval_loss_after}; {result.tokens} tokens, "
         f"{result.flops:.3g} FLOPs, {result.wall_s:.1f}s ({mean_step:.2f} s/step)"
     )
+    if result.restarts or result.start_step:
+        print(f"resumed at step {result.start_step}; {result.restarts} restart(s), {result.repeated_steps} step(s) redone")
     print(f"adapter: {result.adapter_path}\ncheckpoint: {result.checkpoint_path}")
+    if result.merged_path:
+        print(f"merged model: {result.merged_path}")
     return 0
 
 

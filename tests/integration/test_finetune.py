@@ -80,3 +80,30 @@ def test_qlora_finetune_saves_a_loadable_adapter(ray_cluster, default_model_path
     with torch.no_grad():
         tuned_logits = tuned(**ids).logits
     assert not torch.allclose(base_logits, tuned_logits)
+
+    # vLLM's own adapter loader (what the served engine runs for a LoRARequest) accepts it:
+    # config validated against the engine's LoRA limits, every tensor mapped to a Llama module.
+    assert_vllm_loads_adapter(result.adapter_path, max_lora_rank=8)
+
+
+def assert_vllm_loads_adapter(adapter_path: str, max_lora_rank: int) -> None:
+    """Run vLLM's adapter loading path (PEFTHelper + LoRAModel.from_local_checkpoint) on CPU.
+
+    The session's served engine (`served_model`) takes its adapters at deploy time, so a
+    freshly trained adapter cannot be added to it without a second deployment; this runs the
+    exact code its worker runs to load one, without a second engine.
+    """
+    import torch
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+    from vllm.model_executor.models.llama import LlamaForCausalLM
+
+    helper = PEFTHelper.from_local_dir(adapter_path, max_position_embeddings=8192)
+    helper.validate_legal(LoRAConfig(max_lora_rank=max_lora_rank))
+    expected: set[str] = set()
+    for module in ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]:  # vLLM's Llama linear layers
+        expected.update(LlamaForCausalLM.packed_modules_mapping.get(module, [module]))
+    lora = LoRAModel.from_local_checkpoint(adapter_path, expected, helper, lora_model_id=1, device="cpu",
+                                           dtype=torch.float32)
+    assert len(lora.loras) == 30 * 7  # every adapted linear of every layer of the default model

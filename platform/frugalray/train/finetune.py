@@ -33,6 +33,17 @@ log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
 
 
+class KillWorker(StrictModel):
+    """Testing: rank `rank` SIGKILLs its own process at the start of step `at_step`, once.
+
+    The `marker` file records that it happened, so the restarted worker does not die again.
+    """
+
+    at_step: int = Field(ge=1)
+    rank: int = Field(0, ge=0)
+    marker: str
+
+
 class FinetuneConfig(StrictModel):
     model: str = DEFAULT_MODEL
     data_path: str
@@ -42,23 +53,51 @@ class FinetuneConfig(StrictModel):
     # Which columns hold prompt/response; None picks prompt/response when the data has a
     # `prompt` column (frugalray's own select output), else instruction/input/response.
     fields: FieldMapping | None = None
-    method: Literal["qlora", "lora"] = "qlora"
+    # full: every weight trains; lora: fp32 base + LoRA; qlora: NF4 4-bit base (double quant) + LoRA.
+    method: Literal["qlora", "lora", "full"] = "qlora"
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
-    # QLoRA matmul dtype. auto: bfloat16 where matmuls are native in bf16 (CUDA, AVX512-BF16,
-    # AMX), else float32: on an AVX2-only CPU bf16 compute made each step ~27x slower.
+    # Matmul dtype. auto: bfloat16 where matmuls are native in bf16 (CUDA, AVX512-BF16, AMX),
+    # else float32: on an AVX2-only CPU bf16 compute made each step ~27x slower.
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # adamw (torch), adamw_8bit (bitsandbytes 8-bit states), paged_adamw (bitsandbytes; CUDA only).
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw"] = "adamw"
     learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
     max_steps: int = Field(20, ge=1)
-    batch_size: int = Field(4, ge=1, description="rows per worker per step")
+    batch_size: int = Field(4, ge=1, description="rows per worker per micro-batch")
+    # Micro-batches per optimizer step: global batch = batch_size x grad_accum_steps x num_workers.
+    grad_accum_steps: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False
     seq_len: int = Field(128, ge=8, le=8192)
-    num_workers: int = Field(1, ge=1, le=2)
+    # shuffle: a seeded permutation per epoch; as_given: the file's order (e.g. select's curriculum).
+    data_order: Literal["shuffle", "as_given"] = "shuffle"
+    # Put rows of similar length in the same micro-batch (less padding).
+    length_bucketing: bool = False
+    # >1 shards the model with FSDP2 across Ray Train workers (gloo on CPU, NCCL on GPU).
+    num_workers: int = Field(1, ge=1)
+    # auto: GPUs when the cluster has one per worker, else CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     eval_rows: int = Field(8, ge=0)
     # Torch threads per worker; None: this machine's cores / num_workers.
     cpu_threads: int | None = Field(None, ge=1)
+    # Save a resumable checkpoint every N steps (0: only at the end).
+    checkpoint_every: int = Field(0, ge=0)
+    # Ray Train restarts the workers from the latest checkpoint up to this many times.
+    max_failures: int = Field(0, ge=0)
+    # A run directory or checkpoint directory to continue from (finished or stopped runs).
+    resume_from: str | None = None
+    # Also write base + adapter merged into one HF model at run_dir/merged.
+    export_merged: bool = False
+    # Memory per device the planner checks the config against ("24GiB"); None: what this host has.
+    device_memory: str | None = None
+    # Testing only: kill a worker process mid-run to exercise recovery.
+    inject_fault: KillWorker | None = None
 
 
 class FinetuneResult(BaseModel):
@@ -78,6 +117,16 @@ class FinetuneResult(BaseModel):
     step_seconds: list[float]  # rank 0's wall time per optimizer step
     trainable_params: int
     compute_dtype: str
+    method: str = "qlora"
+    num_workers: int = 1
+    fsdp: bool = False
+    merged_path: str | None = None
+    resumed_from: str | None = None  # checkpoint this run started from (resume_from)
+    start_step: int = 0  # optimizer steps already done when this run started
+    steps_file: str | None = None  # per-step records of every attempt (JSONL)
+    restarts: int = 0  # worker-group restarts Ray Train made after failures
+    repeated_steps: int = 0  # steps computed twice because a failure lost them
+    host_ram_mb: list[dict[str, float]] = []  # per rank: peak / current RSS after loading and sharding
 
 
 @dataclass
@@ -153,6 +202,13 @@ def preflight_finetune(cfg: FinetuneConfig, field_prefix: str = "") -> PreparedD
             problems.append(f"{field_prefix}data_path: '{cfg.data_path}' has no usable rows; check fields")
     if not problems and model_path is not None:
         problems += _check_seq_len(cfg, model_path, train_rows, field_prefix)
+    problems += option_problems(cfg, bnb_devices(), cuda_available(), field_prefix)
+    problems += resume_problems(cfg, field_prefix)
+    if not problems and model_path is not None:
+        # The memory planner: refuse, before any worker starts, what is predicted not to fit.
+        from frugalray.train.memory import memory_problems
+
+        problems += memory_problems(cfg, model_path, field_prefix=field_prefix)
     if problems:
         raise ConfigError(problems)
     assert model_path is not None
@@ -179,75 +235,264 @@ def _check_seq_len(cfg: FinetuneConfig, model_path: str, rows: list[dict], field
     return []
 
 
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def bnb_devices() -> set[str]:
+    """Devices ('cpu', 'cuda', 'xpu') on which this bitsandbytes installation runs 4-bit layers.
+
+    bitsandbytes >= 0.46 runs on the CPU (torch-op kernels, plus its native CPU library when
+    present); a GPU needs its native library for that GPU (a mock stands in when it is missing).
+    """
+    try:
+        import torch
+        from bitsandbytes import cextension
+    except Exception:  # noqa: BLE001 - not installed or broken: no 4-bit anywhere
+        return set()
+    devices = {"cpu"}
+    native = not isinstance(getattr(cextension, "lib", None), cextension.ErrorHandlerMockBNBNativeLibrary)
+    backend = getattr(cextension, "BNB_BACKEND", "CPU")
+    if native and backend in ("CUDA", "ROCm") and torch.cuda.is_available():
+        devices.add("cuda")
+    if native and backend == "XPU":
+        devices.add("xpu")
+    return devices
+
+
+def target_device(device: str, cuda: bool) -> str:
+    return "cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu"
+
+
+def option_problems(cfg: FinetuneConfig, four_bit_devices: set[str], cuda: bool, field_prefix: str = "") -> list[str]:
+    """Combinations of training options that cannot work here, each naming its field (pure)."""
+    p = field_prefix
+    problems: list[str] = []
+    device = target_device(cfg.device, cuda)
+    if cfg.device == "cuda" and not cuda:
+        problems.append(f"{p}device: 'cuda' but this machine has no CUDA device; use 'cpu' or 'auto'")
+    if cfg.method == "qlora" and device not in four_bit_devices:
+        problems.append(
+            f"{p}method: qlora needs bitsandbytes 4-bit kernels on {device}, which this installation lacks "
+            f"(has: {sorted(four_bit_devices) or 'none'}); use method 'lora' or a supported device"
+        )
+    if cfg.optimizer == "paged_adamw" and device != "cuda":
+        problems.append(
+            f"{p}optimizer: paged_adamw pages optimizer state between GPU and host memory and needs CUDA; "
+            "use adamw or adamw_8bit on CPU"
+        )
+    if cfg.optimizer in ("adamw_8bit", "paged_adamw") and device not in four_bit_devices:
+        problems.append(f"{p}optimizer: {cfg.optimizer} needs bitsandbytes on {device}; use adamw")
+    if cfg.optimizer == "adamw_8bit" and cfg.num_workers > 1:
+        problems.append(
+            f"{p}optimizer: adamw_8bit updates plain tensors and cannot step FSDP-sharded (DTensor) "
+            "parameters; use adamw with num_workers > 1, or num_workers: 1"
+        )
+    if cfg.length_bucketing and cfg.data_order == "as_given":
+        problems.append(
+            f"{p}length_bucketing: would reorder rows inside windows and break data_order 'as_given'; "
+            "turn one of them off"
+        )
+    if cfg.export_merged and cfg.method == "full":
+        problems.append(f"{p}export_merged: method 'full' already saves a complete model; drop export_merged")
+    if cfg.warmup_steps > cfg.max_steps:
+        problems.append(f"{p}warmup_steps: {cfg.warmup_steps} exceeds max_steps {cfg.max_steps}; lower it")
+    if cfg.inject_fault is not None:
+        if cfg.inject_fault.at_step > cfg.max_steps:
+            problems.append(f"{p}inject_fault.at_step: beyond max_steps {cfg.max_steps}")
+        if cfg.inject_fault.rank >= cfg.num_workers:
+            problems.append(f"{p}inject_fault.rank: {cfg.inject_fault.rank} but only {cfg.num_workers} workers")
+    return problems
+
+
+def resume_problems(cfg: FinetuneConfig, field_prefix: str = "") -> list[str]:
+    from frugalray.train.checkpointing import checkpoint_step, find_latest_checkpoint
+
+    if cfg.resume_from is None:
+        return []
+    p = field_prefix
+    if not Path(cfg.resume_from).exists():
+        return [f"{p}resume_from: '{cfg.resume_from}' does not exist; give a finetune run directory or checkpoint"]
+    found = find_latest_checkpoint(cfg.resume_from)
+    if found is None:
+        return [f"{p}resume_from: no checkpoint (train_state.pt) under '{cfg.resume_from}'"]
+    step = checkpoint_step(found)
+    if step is not None and step >= cfg.max_steps:
+        return [f"{p}max_steps: the checkpoint at {found} already did {step} steps; raise max_steps above {step}"]
+    return []
+
+
+def world_size_problems(num_workers: int, use_gpu: bool, cluster: dict[str, float], field_prefix: str = "") -> list[str]:
+    """A world size the cluster cannot place (pure; `cluster` is `ray.cluster_resources()`)."""
+    unit = "GPU" if use_gpu else "CPU"
+    have = int(cluster.get(unit, 0))
+    if num_workers > have:
+        return [
+            f"{field_prefix}num_workers: {num_workers} workers need {num_workers} {unit}s but the Ray cluster "
+            f"has {have}; lower num_workers or add nodes"
+        ]
+    return []
+
+
+def _append_jsonl(path: str, record: dict[str, Any]) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
 def finetune_worker(config: dict[str, Any]) -> None:
-    """Ray Train `train_loop_per_worker`: N steps, eval before/after, rank 0 checkpoints the adapter."""
+    """Ray Train `train_loop_per_worker`: resume if there is a checkpoint, train, checkpoint, report."""
+    import os
+    import signal
     import tempfile
+    import uuid
 
     import ray.train
     from tqdm import tqdm
 
-    from frugalray.train.loop import LoraTrainingSession
+    from frugalray.train.loop import TrainingSession
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = config["cfg"]
-    session = LoraTrainingSession(
-        cfg, config["model_path"], config["train_rows"], config["eval_rows"], rank, world, cfg.get("cpu_threads")
+    device = "cpu"
+    if config["use_gpu"]:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    session = TrainingSession(
+        cfg, config["model_path"], config["train_rows"], config["eval_rows"], rank, world,
+        cfg.get("cpu_threads"), device=device,
     )
-    before = session.evaluate()
-    losses: list[float] = []
-    tokens, train_flops, step_seconds = 0, 0.0, []
-    progress = tqdm(range(1, int(cfg["max_steps"]) + 1), desc="finetune", disable=rank != 0)
+    host_ram = _gather_host_ram(session)  # per rank, right after loading + sharding
+    start = ray.train.get_checkpoint()
+    if start is not None:
+        with start.as_directory() as directory:
+            session.load_checkpoint(directory)
+    extras = session.extras  # eval-before figures survive restarts inside the checkpoint
+    if "eval_before" not in extras:
+        before = session.evaluate() if session.steps_done == 0 else None
+        extras["eval_before"] = before.loss if before else None
+        extras["eval_flops"] = before.flops if before else 0.0
+        extras["eval_tokens"] = before.tokens if before else 0
+    attempt = uuid.uuid4().hex[:8]
+    max_steps, every = int(cfg["max_steps"]), int(cfg.get("checkpoint_every") or 0)
+    fault = cfg.get("inject_fault")
+    progress = tqdm(range(session.steps_done + 1, max_steps + 1), desc="finetune", disable=rank != 0)
     for step in progress:
+        if fault and rank == fault["rank"] and step == fault["at_step"] and not os.path.exists(fault["marker"]):
+            Path(fault["marker"]).write_text(json.dumps({"step": step, "pid": os.getpid()}))
+            os.kill(os.getpid(), signal.SIGKILL)  # a real process death, as an OOM kill would be
         started = time.time()
         stats = session.step()
-        step_seconds.append(time.time() - started)
-        losses.append(stats.loss)
-        tokens += stats.tokens
-        train_flops += stats.flops
-        progress.set_postfix(loss=f"{stats.loss:.4f}", s_per_step=f"{step_seconds[-1]:.1f}")
-        if step < int(cfg["max_steps"]):
-            # Every rank reports each step (report is a barrier across workers).
-            ray.train.report({"step": step, "loss": stats.loss, "tokens": tokens, "flops": train_flops})
+        seconds = time.time() - started
+        session.history[-1]["seconds"] = seconds
+        if rank == 0:
+            _append_jsonl(config["steps_path"], {"attempt": attempt, "wall_time": time.time(), **session.history[-1]})
+        progress.set_postfix(loss=f"{stats.loss:.4f}", s_per_step=f"{seconds:.1f}")
+        metrics = {"step": step, "loss": stats.loss, "step_tokens": stats.tokens, "step_flops": stats.flops,
+                   "tokens": sum(h["tokens"] for h in session.history),
+                   "flops": sum(h["flops"] for h in session.history), "step_seconds": seconds}
+        if step == max_steps:
+            break
+        if every and step % every == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                session.save_checkpoint(tmp)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"step_{step:06d}")
+        else:
+            ray.train.report(metrics)  # a barrier across workers
     after = session.evaluate()
-    metrics = {
+    extras["eval_after"] = after.loss if after else None
+    history = session.history
+    final = {
         "step": session.steps_done,
-        "loss": losses[-1],
-        "losses": losses,
-        "tokens": tokens,
-        "flops": train_flops,
-        "eval_loss_before": before.loss if before else None,
-        "eval_loss_after": after.loss if after else None,
-        "eval_flops": (before.flops if before else 0.0) + (after.flops if after else 0.0),
-        "eval_tokens": (before.tokens if before else 0) + (after.tokens if after else 0),
-        "step_seconds": step_seconds,
+        "loss": history[-1]["loss"],
+        "history": history,
+        "tokens": sum(h["tokens"] for h in history),
+        "flops": sum(h["flops"] for h in history),
+        "eval_loss_before": extras["eval_before"],
+        "eval_loss_after": extras["eval_after"],
+        "eval_flops": extras["eval_flops"] + (after.flops if after else 0.0),
+        "eval_tokens": extras["eval_tokens"] + (after.tokens if after else 0),
         "trainable_params": session.trainable_params,
         "compute_dtype": session.compute_dtype,
+        "fsdp": session.use_fsdp,
+        "host_ram_mb": host_ram,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
+        session.save_checkpoint(tmp)
         if rank == 0:
-            session.save_adapter(str(Path(tmp) / ADAPTER_DIR))
             (Path(tmp) / "finetune_config.json").write_text(json.dumps(cfg, indent=1, default=str))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name="final")
+        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"step_{session.steps_done:06d}")
+
+
+def _gather_host_ram(session) -> list[dict[str, float]]:
+    """Every rank's peak and current RSS (MiB) after the model is loaded and sharded."""
+    import resource
+
+    import torch.distributed as dist
+
+    with open("/proc/self/statm") as fh:
+        current = int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+    mine = {"rank": session.rank, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "current_mb": current}
+    if not session.distributed:
+        return [mine]
+    everyone: list[Any] = [None] * session.world_size
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def export_merged_model(model_path: str, adapter_path: str, out_dir: str | Path) -> str:
+    """Base model (full precision) + adapter merged into one HF model directory vLLM can serve alone."""
+    from peft import PeftModel
+
+    from frugalray.models import load_causal_lm, load_tokenizer
+
+    base = load_causal_lm(model_path)
+    merged = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    load_tokenizer(model_path).save_pretrained(out_dir)
+    return str(out_dir)
 
 
 def run_finetune(cfg: FinetuneConfig, run_dir: str | Path, ledger=None) -> FinetuneResult:
     """Fine-tune with Ray Train; return the result and write `run_dir/adapter` + a ledger record."""
-    from ray.train import RunConfig, ScalingConfig
+    import ray
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from frugalray.budget.ledger import ComputeLedger
     from frugalray.ray_utils import init_ray
+    from frugalray.train.checkpointing import (
+        ADAPTER_DIR as CKPT_ADAPTER_DIR,
+        FULL_MODEL_DIR,
+        checkpoint_step,
+        find_latest_checkpoint,
+    )
 
     started = time.time()
     run_dir = Path(run_dir).resolve()
     data = preflight_finetune(cfg)
     init_ray()  # only after every check passed (a no-op when Ray is already up)
+    cluster = ray.cluster_resources()
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and cluster.get("GPU", 0) >= cfg.num_workers)
+    problems = world_size_problems(cfg.num_workers, use_gpu, cluster)
+    if problems:
+        raise ConfigError(problems)
+    resume = find_latest_checkpoint(cfg.resume_from) if cfg.resume_from else None
+    start_step = (checkpoint_step(resume) or 0) if resume else 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    steps_path = run_dir / "steps.jsonl"
     log.info(
-        "finetune %s (%s, rank %d) on %d rows, %d eval rows, %d steps x %d workers",
-        cfg.model, cfg.method, cfg.lora_rank, len(data.train_rows), len(data.eval_rows), cfg.max_steps, cfg.num_workers,
+        "finetune %s (%s, rank %d) on %d rows, %d eval rows, steps %d..%d x %d workers (%s)%s",
+        cfg.model, cfg.method, cfg.lora_rank, len(data.train_rows), len(data.eval_rows), start_step + 1,
+        cfg.max_steps, cfg.num_workers, "FSDP2" if cfg.num_workers > 1 else "single worker",
+        f", resuming from {resume}" if resume else "",
     )
     trainer = TorchTrainer(
         finetune_worker,
@@ -256,25 +501,49 @@ def run_finetune(cfg: FinetuneConfig, run_dir: str | Path, ledger=None) -> Finet
             "model_path": data.model_path,
             "train_rows": data.train_rows,
             "eval_rows": data.eval_rows,
+            "use_gpu": use_gpu,
+            "steps_path": str(steps_path),
         },
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(storage_path=str(run_dir / "ray_train"), name=f"finetune-{int(started)}"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=use_gpu,
+            resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1},
+        ),
+        run_config=RunConfig(
+            storage_path=str(run_dir / "ray_train"),
+            name=f"finetune-{int(started)}",
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        resume_from_checkpoint=Checkpoint(str(resume)) if resume else None,
     )
     result = trainer.fit()
     metrics = result.metrics
     if result.checkpoint is None:
         raise RuntimeError("finetune: Ray Train finished without a checkpoint; see the worker logs above")
     checkpoint_path = Path(result.checkpoint.path)
-    adapter = run_dir / ADAPTER_DIR
+    weights_dir = FULL_MODEL_DIR if cfg.method == "full" else CKPT_ADAPTER_DIR
+    adapter = run_dir / (FULL_MODEL_DIR if cfg.method == "full" else ADAPTER_DIR)
     if adapter.exists():
         shutil.rmtree(adapter)
-    shutil.copytree(checkpoint_path / ADAPTER_DIR, adapter)
+    shutil.copytree(checkpoint_path / weights_dir, adapter)
+    merged_path = None
+    if cfg.export_merged:
+        merged_path = ray.get(
+            ray.remote(num_cpus=1)(export_merged_model).remote(data.model_path, str(adapter), str(run_dir / "merged"))
+        )
 
-    losses = [float(x) for x in metrics["losses"]]
+    history = list(metrics["history"])
+    losses = [float(h["loss"]) for h in history]
     if not all(math.isfinite(x) for x in losses):
         log.warning("non-finite training loss: %s", losses)
+    # What this run really spent: every step any attempt computed (lost steps included).
+    executed = _executed_steps(steps_path, started)
+    new_history = [h for h in history if h["step"] > start_step]
+    train_flops = sum(float(r["flops"]) for r in executed) if executed else sum(h["flops"] for h in new_history)
+    train_tokens = sum(int(r["tokens"]) for r in executed) if executed else sum(h["tokens"] for h in new_history)
+    attempts = {r["attempt"] for r in executed}
+    repeated = len(executed) - len({r["step"] for r in executed}) if executed else 0
     eval_flops = float(metrics["eval_flops"])
-    train_flops = float(metrics["flops"])
     wall_s = time.time() - started
     out = FinetuneResult(
         adapter_path=str(adapter),
@@ -285,14 +554,24 @@ def run_finetune(cfg: FinetuneConfig, run_dir: str | Path, ledger=None) -> Finet
         final_loss=losses[-1],
         eval_loss_before=metrics.get("eval_loss_before"),
         eval_loss_after=metrics.get("eval_loss_after"),
-        tokens=int(metrics["tokens"]),
+        tokens=train_tokens,
         flops=train_flops + eval_flops,
         train_flops=train_flops,
         eval_flops=eval_flops,
         wall_s=wall_s,
-        step_seconds=[float(s) for s in metrics.get("step_seconds", [])],
+        step_seconds=[float(h.get("seconds", 0.0)) for h in new_history],
         trainable_params=int(metrics["trainable_params"]),
         compute_dtype=str(metrics["compute_dtype"]),
+        method=cfg.method,
+        num_workers=cfg.num_workers,
+        fsdp=bool(metrics.get("fsdp")),
+        merged_path=merged_path,
+        resumed_from=str(resume) if resume else None,
+        start_step=start_step,
+        steps_file=str(steps_path),
+        restarts=max(0, len(attempts) - 1),
+        repeated_steps=repeated,
+        host_ram_mb=list(metrics.get("host_ram_mb") or []),
     )
     step_seconds = out.step_seconds
     ledger = ledger or ComputeLedger(run_dir)
@@ -301,14 +580,18 @@ def run_finetune(cfg: FinetuneConfig, run_dir: str | Path, ledger=None) -> Finet
         flops=out.flops,
         tokens=out.tokens + int(metrics.get("eval_tokens", 0)),
         wall_s=wall_s,
-        produced={"adapter_path": out.adapter_path, "checkpoint_path": out.checkpoint_path},
+        produced={"adapter_path": out.adapter_path, "checkpoint_path": out.checkpoint_path,
+                  **({"merged_path": merged_path} if merged_path else {})},
         train_flops=train_flops,
         eval_flops=eval_flops,
         train_tokens=out.tokens,
         method=cfg.method,
         compute_dtype=out.compute_dtype,
         steps=out.steps,
+        start_step=start_step,
         num_workers=cfg.num_workers,
+        restarts=out.restarts,
+        repeated_steps=out.repeated_steps,
         first_loss=out.first_loss,
         final_loss=out.final_loss,
         eval_loss_before=out.eval_loss_before,
@@ -320,3 +603,11 @@ def run_finetune(cfg: FinetuneConfig, run_dir: str | Path, ledger=None) -> Finet
         out.first_loss, out.final_loss, out.eval_loss_before, out.eval_loss_after, out.flops, wall_s, adapter,
     )
     return out
+
+
+def _executed_steps(steps_path: Path, since: float) -> list[dict[str, Any]]:
+    """Per-step records written by rank 0 during this run (every attempt)."""
+    if not steps_path.is_file():
+        return []
+    rows = [json.loads(line) for line in steps_path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("wall_time", since) >= since]

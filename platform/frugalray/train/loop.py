@@ -1,13 +1,21 @@
-"""The LoRA / QLoRA training loop shared by `finetune` (Ray Train workers) and `sweep` (Tune trials).
+"""The training loop shared by `finetune` (Ray Train workers) and `sweep` (Tune trials).
 
-`LoraTrainingSession` owns one model, its optimizer and a deterministic data order, and
-exposes `step()` and `evaluate()`. Each call returns what it spent: real (non-pad)
-tokens and FLOPs from `frugalray.budget.flops`. Callers decide when to stop (a step
-count, a FLOP reservation), so the loop itself holds no budget policy.
+`TrainingSession` owns one model (full, LoRA or QLoRA), its optimizer and LR schedule and a
+deterministic data order (`frugalray.train.batching.BatchPlan`), and exposes `step()` and
+`evaluate()`. Each call returns what it spent: real (non-pad) tokens and FLOPs from
+`frugalray.budget.flops`. Callers decide when to stop (a step count, a FLOP reservation), so
+the loop itself holds no budget policy.
 
-With `world_size > 1` inside an initialized `torch.distributed` process group (as Ray
-Train sets up), each rank reads a disjoint slice of every global batch and LoRA gradients
-are averaged with all-reduce before the optimizer step, so the ranks stay identical.
+With `world_size > 1` inside an initialized `torch.distributed` process group (as Ray Train
+sets up), the model is sharded with FSDP2 (`frugalray.train.fsdp`) and each rank reads its
+own slice of every global batch. The loss of every micro-batch is its *summed* token loss
+divided by the number of loss tokens in the whole global batch (all ranks, all micro-batches),
+and FSDP sums gradients across ranks: the update is exactly the one a single process makes
+on the same global batch, whatever the padding or the split of tokens between ranks.
+
+A session's full training state (trainable weights, optimizer, LR schedule, data position,
+every rank's RNG state, per-step history) goes to and comes back from a directory with
+`save_checkpoint` / `load_checkpoint` (see `frugalray.train.checkpointing`).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StepStats:
-    loss: float  # mean loss over response tokens (averaged over ranks)
+    loss: float  # mean loss over response tokens of the global batch
     tokens: int  # real (non-pad) tokens processed, summed over ranks
     flops: float  # FLOPs of those tokens, summed over ranks
 
@@ -35,11 +44,12 @@ def lora_param_count(shape: ModelShape, rank: int, target_modules: str | list[st
 
 
 def train_step_flops_upper_bound(
-    shape: ModelShape, batch_size: int, seq_len: int, method: str, lora_params: int, world_size: int = 1
+    shape: ModelShape, batch_size: int, seq_len: int, method: str, lora_params: int, world_size: int = 1,
+    accum_steps: int = 1, gradient_checkpointing: bool = False,
 ) -> float:
     """FLOPs of one step if every row filled seq_len: never below what a real step spends."""
-    per_token = train_flops_per_token(shape, seq_len, method, lora_params)  # type: ignore[arg-type]
-    return per_token * batch_size * seq_len * world_size
+    per_token = train_flops_per_token(shape, seq_len, method, lora_params, gradient_checkpointing)  # type: ignore[arg-type]
+    return per_token * batch_size * seq_len * world_size * accum_steps
 
 
 def eval_flops_upper_bound(shape: ModelShape, n_rows: int, seq_len: int, lora_params: int) -> float:
@@ -75,8 +85,40 @@ def default_threads(parallel_jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, parallel_jobs))
 
 
-class LoraTrainingSession:
-    """One LoRA/QLoRA model + AdamW + a seeded data order.
+def build_optimizer(name: str, params: list[Any], lr: float, weight_decay: float = 0.0):
+    """adamw (torch), adamw_8bit (bitsandbytes 8-bit states), paged_adamw (bitsandbytes, CUDA paging)."""
+    import torch
+
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    import bitsandbytes as bnb
+
+    if name == "adamw_8bit":
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    if name == "paged_adamw":
+        return bnb.optim.PagedAdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer: unknown optimizer {name!r}")
+
+
+def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> float:
+    """Multiplier of the base LR after `step` optimizer steps (linear warmup, then the schedule)."""
+    import math
+
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"lr_scheduler: unknown schedule {schedule!r}")
+
+
+class TrainingSession:
+    """One model (full / LoRA / QLoRA) + optimizer + LR schedule + a seeded data order.
 
     `cfg` is a mapping with the `FinetuneConfig` fields (a dict crosses process boundaries
     more easily than the pydantic model); rows are dicts with `prompt` and `response`.
@@ -91,51 +133,57 @@ class LoraTrainingSession:
         rank: int = 0,
         world_size: int = 1,
         threads: int | None = None,
+        device: Any = None,
+        fsdp: bool | None = None,
     ):
         import torch
-        from peft import LoraConfig, get_peft_model
 
         from frugalray.data.formatting import IGNORE_INDEX, tokenize_example
-        from frugalray.models import load_causal_lm, load_tokenizer, model_shape
+        from frugalray.models import load_tokenizer, model_shape
+        from frugalray.train.batching import BatchPlan
 
         self.cfg = dict(cfg)
         self.rank, self.world_size = rank, world_size
-        self.distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-        torch.set_num_threads(threads or default_threads(world_size))
-        torch.manual_seed(int(cfg["seed"]))
+        self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        # FSDP whenever there is more than one rank; `fsdp=True` also wraps a single rank (GPU check).
+        self.use_fsdp = self.distributed and (world_size > 1 if fsdp is None else fsdp)
+        self.device = torch.device(device or "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads or default_threads(world_size))
 
         self.method = cfg["method"]
         self.batch_size = int(cfg["batch_size"])
+        self.accum_steps = int(cfg.get("grad_accum_steps", 1))
         self.seq_len = int(cfg["seq_len"])
+        self.max_steps = int(cfg["max_steps"])
+        self.gradient_checkpointing = bool(cfg.get("gradient_checkpointing", False))
         self.shape = model_shape(model_path)
-        self.lora_params = lora_param_count(self.shape, int(cfg["lora_rank"]), cfg["target_modules"])
-
-        self.tokenizer = load_tokenizer(model_path)
-        quantized = self.method == "qlora"
-        self.compute_dtype = resolve_compute_dtype(cfg.get("compute_dtype", "auto")) if quantized else "float32"
-        model = load_causal_lm(model_path, quantize_4bit=quantized, compute_dtype=self.compute_dtype)
-        if quantized:
-            from peft import prepare_model_for_kbit_training
-
-            # No gradient checkpointing: the FLOP accounting assumes one forward per step.
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        lora = LoraConfig(
-            r=int(cfg["lora_rank"]),
-            lora_alpha=float(cfg["lora_alpha"]),
-            lora_dropout=float(cfg["lora_dropout"]),
-            target_modules=cfg["target_modules"],
-            task_type="CAUSAL_LM",
+        self.lora_params = 0 if self.method == "full" else lora_param_count(
+            self.shape, int(cfg["lora_rank"]), cfg["target_modules"]
         )
-        self.model = get_peft_model(model, lora)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.trainable_params = sum(p.numel() for p in trainable)
-        if self.trainable_params != self.lora_params:
-            log.warning(
-                "trainable parameters %d differ from the FLOP module's LoRA count %d",
-                self.trainable_params, self.lora_params,
-            )
-        self.optimizer = torch.optim.AdamW(trainable, lr=float(cfg["learning_rate"]), weight_decay=0.0)
-        self._trainable = trainable
+        self.tokenizer = load_tokenizer(model_path)
+        self.compute_dtype = resolve_compute_dtype(cfg.get("compute_dtype", "auto"))
+        if self.method != "qlora" and self.device.type == "cpu":
+            # LoRA / full keep fp32 weights; bf16 autocast only where bf16 is fast.
+            self.compute_dtype = self.compute_dtype if has_fast_bf16() else "float32"
+
+        torch.manual_seed(int(cfg["seed"]))
+        self.model = self._build_model(model_path)
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable_params = sum(_numel(p) for p in self._trainable)
+        expected = self.lora_params if self.method != "full" else None
+        if expected is not None and self.trainable_params != expected:
+            log.warning("trainable parameters %d differ from the FLOP module's LoRA count %d",
+                        self.trainable_params, expected)
+        self.optimizer = build_optimizer(
+            cfg.get("optimizer", "adamw"), self._trainable, float(cfg["learning_rate"]),
+            float(cfg.get("weight_decay", 0.0)),
+        )
+        _assert_optimizer_owns_model_params(self.optimizer, self.model)
+        schedule, warmup = cfg.get("lr_scheduler", "constant"), int(cfg.get("warmup_steps", 0))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.max_steps, schedule, warmup)
+        )
 
         def encode(rows: list[dict[str, str]]) -> list[dict[str, list[int]]]:
             encoded = [tokenize_example(self.tokenizer, r["prompt"], r["response"], self.seq_len) for r in rows]
@@ -144,6 +192,7 @@ class LoraTrainingSession:
 
         self.train_examples = encode(train_rows)
         self.eval_examples = encode(eval_rows)[rank::world_size] if eval_rows else []
+        self._eval_total = len(encode(eval_rows)) if eval_rows else 0
         if not self.train_examples:
             raise ValueError(
                 f"seq_len: no training row keeps a response token within {self.seq_len} tokens; raise seq_len"
@@ -151,80 +200,166 @@ class LoraTrainingSession:
         dropped = len(train_rows) - len(self.train_examples)
         if dropped:
             log.warning("dropped %d training rows whose response lies beyond seq_len=%d", dropped, self.seq_len)
-        self._rng = random.Random(int(cfg["seed"]))
-        self._order: list[int] = []
+        lengths = [len(e["input_ids"]) for e in self.train_examples] if cfg.get("length_bucketing") else None
+        self.plan = BatchPlan(
+            n_rows=len(self.train_examples), micro_batch=self.batch_size, accum_steps=self.accum_steps,
+            world_size=world_size, seed=int(cfg["seed"]), order=cfg.get("data_order", "shuffle"), lengths=lengths,
+        )
         self.steps_done = 0
+        self.history: list[dict[str, Any]] = []  # one entry per optimizer step (rank 0's view)
+        self.extras: dict[str, Any] = {}  # caller's figures that must survive a restart
+        random.seed(int(cfg["seed"]) + rank)
 
-    # -- data -------------------------------------------------------------------------
-    def _next_global_batch(self) -> list[int]:
-        """Indices of the next global batch (batch_size x world_size), reshuffled each epoch."""
-        want = self.batch_size * self.world_size
-        batch: list[int] = []
-        while len(batch) < want:
-            if not self._order:
-                self._order = list(range(len(self.train_examples)))
-                self._rng.shuffle(self._order)
-            batch.append(self._order.pop())
-        return batch
+    # -- model ------------------------------------------------------------------------
+    def _build_model(self, model_path: str):
+        """Load, wrap with LoRA, enable checkpointing, shard. FSDP ranks > 0 never hold full weights
+        for full/LoRA: they build on the meta device and receive their shards from rank 0."""
+        import torch
 
+        from frugalray.models import load_causal_lm
+
+        quantized = self.method == "qlora"
+        meta_load = self.use_fsdp and not quantized and self.rank != 0
+        if meta_load:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=torch.float32)
+        else:
+            model = load_causal_lm(model_path, quantize_4bit=quantized, compute_dtype=self.compute_dtype)
+        if quantized:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=self.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        elif self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        if self.method != "full":
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(
+                r=int(self.cfg["lora_rank"]),
+                lora_alpha=float(self.cfg["lora_alpha"]),
+                lora_dropout=float(self.cfg["lora_dropout"]),
+                target_modules=self.cfg["target_modules"],
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, lora)
+            if self.gradient_checkpointing and not quantized:
+                model.enable_input_require_grads()
+        if self.device.type != "cpu" and not meta_load:
+            model = model.to(self.device)
+        if self.use_fsdp:
+            from frugalray.train.fsdp import broadcast_from_rank0, shard_model
+
+            full_state = None if meta_load or quantized else _trainable_and_base_state(model)
+            shard_model(model)
+            if not quantized:
+                # Rank 0 loaded (and LoRA-initialized) the weights; everyone else gets their shard.
+                broadcast_from_rank0(model, full_state, self.device, is_meta=meta_load)
+            del full_state
+        return model
+
+    # -- data ---------------------------------------------------------------------------
     def _all_reduce_sum(self, values: list[float]) -> list[float]:
-        if not self.distributed:
+        if not self.distributed or self.world_size == 1:
             return values
         import torch
 
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
         torch.distributed.all_reduce(t)
-        return t.tolist()
+        return t.cpu().tolist()
+
+    def _comm_device(self):
+        import torch
+
+        return self.device if torch.distributed.get_backend() == "nccl" else "cpu"
+
+    def _autocast(self):
+        import torch
+
+        if self.method != "qlora" and self.compute_dtype == "bfloat16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _loss_sum(self, batch: dict[str, Any]):
+        import torch.nn.functional as F
+
+        from frugalray.data.formatting import IGNORE_INDEX
+
+        with self._autocast():
+            logits = self.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).logits
+        shifted = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+        targets = batch["labels"][:, 1:].reshape(-1)
+        return F.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device) for k, v in batch.items()} if self.device.type != "cpu" else batch
 
     # -- training -------------------------------------------------------------------------
     def step(self) -> StepStats:
-        import torch
+        from frugalray.data.formatting import IGNORE_INDEX, pad_batch
 
-        from frugalray.data.formatting import pad_batch
-
-        global_batch = self._next_global_batch()
-        mine = global_batch[self.rank :: self.world_size]
-        batch = pad_batch([self.train_examples[i] for i in mine], self.tokenizer.pad_token_id)
+        micro = [
+            pad_batch([self.train_examples[i] for i in rows], self.tokenizer.pad_token_id)
+            for rows in self.plan.micro_batches(self.steps_done, self.rank)
+        ]
+        my_loss_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        (global_loss_tokens,) = self._all_reduce_sum([float(my_loss_tokens)])
         self.model.train()
-        out = self.model(**batch)
-        loss = out.loss
-        loss.backward()
-        if self.distributed:
-            for p in self._trainable:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= self.world_size
+        loss_sum, tokens, flops = 0.0, 0, 0.0
+        for i, batch in enumerate(micro):
+            if self.use_fsdp:
+                # Reduce-scatter once per optimizer step, after the last micro-batch.
+                self.model.set_requires_gradient_sync(i == len(micro) - 1)
+            part = self._loss_sum(self._to_device(batch))
+            (part / global_loss_tokens).backward()
+            loss_sum += float(part.detach())
+            n = int(batch["attention_mask"].sum())
+            width = int(batch["input_ids"].shape[1])
+            tokens += n
+            flops += train_flops_per_token(
+                self.shape, width, self.method, self.lora_params, self.gradient_checkpointing
+            ) * n
         self.optimizer.step()
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
-
-        tokens = int(batch["attention_mask"].sum())
-        width = int(batch["input_ids"].shape[1])
-        flops = train_flops_per_token(self.shape, width, self.method, self.lora_params) * tokens
-        loss_sum, tokens_all, flops_all = self._all_reduce_sum([float(loss.detach()), tokens, flops])
-        return StepStats(loss=loss_sum / self.world_size, tokens=int(tokens_all), flops=flops_all)
+        loss_all, tokens_all, flops_all = self._all_reduce_sum([loss_sum, tokens, flops])
+        stats = StepStats(loss=loss_all / global_loss_tokens, tokens=int(tokens_all), flops=flops_all)
+        self.history.append({"step": self.steps_done, "loss": stats.loss, "tokens": stats.tokens,
+                             "flops": stats.flops, "epoch": self.plan.epoch_of(self.steps_done - 1)})
+        return stats
 
     def evaluate(self) -> StepStats | None:
-        """Token-weighted mean loss over this rank's eval rows (reduced over ranks); None without rows."""
-        if not self.cfg.get("eval_rows") or (not self.eval_examples and not self.distributed):
+        """Token-weighted mean loss over the eval rows (split over ranks); None without rows."""
+        if not self.cfg.get("eval_rows") or not self._eval_total:
             return None
         import torch
-        import torch.nn.functional as F
 
         from frugalray.data.formatting import IGNORE_INDEX, pad_batch
 
         self.model.eval()
+        # FSDP all-gathers inside every forward: all ranks must run the same number of them.
+        per_rank = -(-self._eval_total // self.world_size)
+        n_batches = -(-per_rank // self.batch_size)
         nll, loss_tokens, tokens, flops = 0.0, 0, 0, 0.0
         with torch.no_grad():
-            for start in range(0, len(self.eval_examples), self.batch_size):
-                chunk = self.eval_examples[start : start + self.batch_size]
-                batch = pad_batch(chunk, self.tokenizer.pad_token_id)
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                shifted = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-                targets = batch["labels"][:, 1:].reshape(-1)
-                nll += float(F.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum"))
-                loss_tokens += int((targets != IGNORE_INDEX).sum())
+            for b in range(n_batches):
+                chunk = self.eval_examples[b * self.batch_size : (b + 1) * self.batch_size]
+                dummy = not chunk
+                batch = pad_batch(chunk or self.eval_examples[:1] or [_one_token_example(self)],
+                                  self.tokenizer.pad_token_id)
+                part = float(self._loss_sum(self._to_device(batch)))
+                if dummy:
+                    continue
+                nll += part
+                loss_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
                 n = int(batch["attention_mask"].sum())
                 tokens += n
                 width = int(batch["input_ids"].shape[1])
@@ -234,6 +369,56 @@ class LoraTrainingSession:
             return None
         return StepStats(loss=nll / loss_tokens, tokens=int(tokens), flops=flops)
 
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self, directory: str) -> None:
+        """Collective: every rank calls it; rank 0 writes the shared state, each rank its RNG."""
+        from frugalray.train.checkpointing import save_training_state
+
+        save_training_state(self, directory)
+
+    def load_checkpoint(self, directory: str) -> None:
+        from frugalray.train.checkpointing import load_training_state
+
+        load_training_state(self, directory)
+
     def save_adapter(self, directory: str) -> None:
-        # Adapter weights + adapter_config.json only; the base model's tokenizer is the one to use.
-        self.model.save_pretrained(directory, safe_serialization=True)
+        """Collective under FSDP. PEFT adapter (LoRA/QLoRA) or the full model (method full)."""
+        from frugalray.train.checkpointing import save_model_weights
+
+        save_model_weights(self, directory)
+
+
+# The sweep and older callers know the session by this name.
+LoraTrainingSession = TrainingSession
+
+
+def _assert_optimizer_owns_model_params(optimizer: Any, model: Any) -> None:
+    """The optimizer must step the parameters the model computes with.
+
+    `fully_shard` replaces every parameter with a new sharded DTensor parameter. An optimizer
+    built before sharding keeps stepping the old, orphaned tensors: the model never changes,
+    while FSDP's gradients pile up unused. That is what an early QLoRA-under-FSDP try hit
+    (its per-step losses were just the losses of different batches on an unchanged model).
+    """
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    if stepped != trainable:
+        raise RuntimeError(
+            f"optimizer holds {len(stepped - trainable)} tensors the model does not use and misses "
+            f"{len(trainable - stepped)} of its trainable parameters; build it after sharding"
+        )
+
+
+def _numel(p: Any) -> int:
+    # A sharded DTensor parameter reports its global numel.
+    return int(p.numel())
+
+
+def _one_token_example(session: TrainingSession) -> dict[str, list[int]]:
+    pad = session.tokenizer.pad_token_id
+    return {"input_ids": [pad, pad], "labels": [-100, pad]}
+
+
+def _trainable_and_base_state(model: Any) -> dict[str, Any]:
+    """Rank 0's full state dict (shares storage with the model: no copy)."""
+    return dict(model.state_dict())

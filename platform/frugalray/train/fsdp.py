@@ -1,0 +1,85 @@
+"""FSDP2 for the training loop: shard per decoder layer, then the root.
+
+    shard_model(model)            # inside an initialized process group (Ray Train sets one up)
+
+Gradients are *summed* across ranks (divide factor 1): the loop normalizes each rank's
+loss by the number of loss tokens in the whole global batch, so the sum over ranks is
+exactly the gradient of the global token-mean loss that a single process computes.
+FSDP's default (average over ranks) is also right only when every rank sees the same
+number of loss tokens; with variable-length rows it weights short batches too heavily.
+
+4-bit weights: bitsandbytes stores QLoRA weights packed into a bf16 tensor
+(`bnb_4bit_quant_storage=bfloat16`), so FSDP shards and all-gathers the packed bytes like
+any bf16 tensor. The quantization constants (absmax, the nested quant state) are not
+parameters: every rank keeps the full `quant_state` on the `Linear4bit` module, and
+`bitsandbytes.nn.modules.fix_4bit_weight_quant_state_from_module` re-attaches it to the
+all-gathered weight in forward. Never give FSDP a `MixedPrecisionPolicy(param_dtype=...)`
+for a 4-bit model: it would cast the packed bytes *by value* and destroy the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The transformer blocks of an HF causal LM (PEFT-wrapped or not), by `_no_split_modules`."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"no decoder layers found in {type(model).__name__} (looked for {sorted(names)})")
+    return layers
+
+
+def shard_model(model: Any, reshard_after_forward: bool = True) -> Any:
+    """Apply FSDP2 `fully_shard` to every decoder layer, then to the root module."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, reshard_after_forward=reshard_after_forward)
+    model.set_gradient_divide_factor(1.0)
+    log.info("FSDP2: sharded %d decoder layers + root", len(layers))
+    return model
+
+
+def is_sharded(model: Any) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_tensor(t: Any) -> Any:
+    """A DTensor's full value (a collective: every rank must call it), else the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def broadcast_from_rank0(model: Any, full_state: dict[str, Any] | None, device: Any, is_meta: bool) -> None:
+    """Fill every rank's shards from rank 0's full state dict (ranks > 0 built on the meta device).
+
+    Buffers that are not in the state dict (rotary `inv_freq`) are broadcast too, since
+    `to_empty` leaves them uninitialized.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if is_meta:
+        model.to_empty(device=device)
+    set_model_state_dict(
+        model,
+        full_state if dist.get_rank() == 0 else {},
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+    )
+    comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    for _, buf in model.named_buffers():
+        moved = buf.to(comm_device)
+        dist.broadcast(moved, src=0)
+        if moved is not buf:
+            buf.copy_(moved)

@@ -1,0 +1,146 @@
+"""Pure training logic: the data plan, LR schedules, option checks, world-size check, checkpoint lookup."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from frugalray.config import ConfigError, parse_config
+from frugalray.train.batching import BatchPlan
+from frugalray.train.finetune import FinetuneConfig, option_problems, world_size_problems
+from frugalray.train.loop import lr_factor
+
+
+def cfg(**over) -> FinetuneConfig:
+    return parse_config(FinetuneConfig, {"data_path": "x.jsonl", **over})
+
+
+# -- data plan --------------------------------------------------------------------------
+def test_ranks_read_disjoint_slices_that_cover_the_global_batch():
+    plan = BatchPlan(n_rows=10, micro_batch=2, accum_steps=2, world_size=2, seed=3)
+    for step in range(7):
+        per_rank = [plan.micro_batches(step, r) for r in range(2)]
+        flat = [i for mbs in per_rank for mb in mbs for i in mb]
+        assert sorted(flat) == sorted(plan.global_indices(step))
+        assert all(len(mb) == 2 for mbs in per_rank for mb in mbs)
+
+
+def test_single_process_and_two_ranks_see_the_same_global_batches():
+    one = BatchPlan(n_rows=9, micro_batch=4, world_size=1, seed=1)
+    two = BatchPlan(n_rows=9, micro_batch=2, world_size=2, seed=1)
+    for step in range(6):
+        assert one.global_indices(step) == two.global_indices(step)
+
+
+def test_every_epoch_is_a_permutation_and_epochs_differ():
+    plan = BatchPlan(n_rows=8, micro_batch=4, seed=0)
+    epoch0 = plan.global_indices(0) + plan.global_indices(1)
+    epoch1 = plan.global_indices(2) + plan.global_indices(3)
+    assert sorted(epoch0) == sorted(epoch1) == list(range(8))
+    assert epoch0 != epoch1
+
+
+def test_position_is_a_pure_function_of_the_step():
+    a = BatchPlan(n_rows=7, micro_batch=3, seed=5)
+    b = BatchPlan(n_rows=7, micro_batch=3, seed=5)
+    for step in range(5):
+        a.global_indices(step)  # a walked through the steps, b jumps straight to step 5
+    assert a.global_indices(5) == b.global_indices(5)
+
+
+def test_as_given_keeps_the_curriculum_order_across_epochs():
+    plan = BatchPlan(n_rows=5, micro_batch=2, seed=9, order="as_given")
+    assert [plan.global_indices(s) for s in range(4)] == [[0, 1], [2, 3], [4, 0], [1, 2]]
+
+
+def test_length_bucketing_groups_similar_lengths():
+    lengths = [5, 50, 6, 51, 7, 52, 8, 53]
+    plan = BatchPlan(n_rows=8, micro_batch=2, seed=0, lengths=lengths)
+    batches = [plan.global_indices(s) for s in range(4)]
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    for b in batches:
+        assert max(lengths[i] for i in b) - min(lengths[i] for i in b) <= 2
+
+
+# -- LR schedule ----------------------------------------------------------------------------
+def test_lr_schedules():
+    assert [lr_factor(s, 4, "constant", 0) for s in range(4)] == [1.0] * 4
+    assert [lr_factor(s, 4, "linear", 2) for s in range(4)] == [0.5, 1.0, 1.0, 0.5]
+    assert lr_factor(0, 10, "cosine", 0) == pytest.approx(1.0)
+    assert lr_factor(10, 10, "cosine", 0) == pytest.approx(0.0)
+
+
+# -- config checks ----------------------------------------------------------------------------
+def test_lora_rank_zero_is_rejected_naming_the_field():
+    with pytest.raises(ConfigError) as err:
+        cfg(lora_rank=0)
+    assert any(p.startswith("lora_rank") for p in err.value.problems)
+
+
+def test_four_bit_method_on_a_device_without_kernels_is_rejected():
+    problems = option_problems(cfg(method="qlora"), four_bit_devices={"cuda"}, cuda=False)
+    assert len(problems) == 1 and problems[0].startswith("method: qlora needs bitsandbytes 4-bit kernels on cpu")
+    assert option_problems(cfg(method="lora"), four_bit_devices=set(), cuda=False) == []
+    assert option_problems(cfg(method="qlora"), four_bit_devices={"cpu"}, cuda=False) == []
+
+
+def test_cuda_and_paged_optimizer_need_a_gpu():
+    problems = option_problems(cfg(device="cuda", optimizer="paged_adamw"), {"cpu"}, cuda=False)
+    fields = [p.split(":")[0] for p in problems]
+    assert "device" in fields and "optimizer" in fields
+    assert option_problems(cfg(device="cuda", optimizer="paged_adamw"), {"cpu", "cuda"}, cuda=True) == []
+
+
+def test_conflicting_options_name_their_fields():
+    problems = option_problems(
+        cfg(optimizer="adamw_8bit", num_workers=2, length_bucketing=True, data_order="as_given",
+            method="full", export_merged=True),
+        {"cpu"}, cuda=False,
+    )
+    fields = sorted(p.split(":")[0] for p in problems)
+    assert fields == ["export_merged", "length_bucketing", "optimizer"]
+
+
+def test_world_size_larger_than_the_cluster_is_rejected():
+    assert world_size_problems(2, False, {"CPU": 8.0}) == []
+    problems = world_size_problems(16, False, {"CPU": 8.0})
+    assert problems and problems[0].startswith("num_workers: 16 workers need 16 CPUs")
+    assert world_size_problems(2, True, {"CPU": 64.0, "GPU": 1.0})[0].startswith("num_workers")
+
+
+def test_latest_checkpoint_is_found_under_a_run_dir(tmp_path):
+    from frugalray.train.checkpointing import find_latest_checkpoint
+
+    for step in (2, 10, 4):
+        d = tmp_path / "ray_train" / "x" / f"step_{step:06d}"
+        d.mkdir(parents=True)
+        (d / "progress.json").write_text(json.dumps({"step": step}))
+        (d / "train_state.pt").write_bytes(b"")
+    incomplete = tmp_path / "ray_train" / "x" / "step_000012"
+    incomplete.mkdir()
+    (incomplete / "progress.json").write_text(json.dumps({"step": 12}))  # no train_state.pt
+    assert find_latest_checkpoint(tmp_path).name == "step_000010"
+    assert find_latest_checkpoint(tmp_path / "nothing") is None
+
+
+def test_shipped_finetune_yaml_validates():
+    from pathlib import Path
+
+    from frugalray.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    loaded = load_config(FinetuneConfig, root / "jobs" / "configs" / "finetune.yaml")
+    assert loaded.method == "qlora" and loaded.target_modules == "all-linear"
+
+
+def test_an_optimizer_built_before_sharding_is_refused():
+    """fully_shard swaps in new parameters; an optimizer holding the old ones never changes the model."""
+    import torch
+    from frugalray.train.loop import _assert_optimizer_owns_model_params
+
+    model = torch.nn.Linear(4, 4)
+    stale = torch.optim.AdamW(model.parameters())
+    _assert_optimizer_owns_model_params(stale, model)  # fine before any swap
+    model.weight = torch.nn.Parameter(model.weight.detach().clone())  # what fully_shard does to each parameter
+    with pytest.raises(RuntimeError, match="build it after sharding"):
+        _assert_optimizer_owns_model_params(stale, model)

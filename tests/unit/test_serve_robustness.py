@@ -237,3 +237,24 @@ def test_exclusive_gate_runs_an_exclusive_holder_alone():
         assert gate.shared_holders == 0
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("messages,param", [
+    ([{"role": "system", "content": {"": None}}], "messages[0].content"),  # found by the fuzz test: was a 500
+    (["hello"], "messages[0]"),
+    ([{"content": "hi"}], "messages[0].role"),
+    ([{"role": "user", "content": [{"text": "no type"}]}], "messages[0].content[0]"),
+])
+def test_malformed_chat_messages_are_a_400_naming_the_part(messages, param):
+    from frugalray.serve.budget import RequestError, check_chat_messages
+
+    with pytest.raises(RequestError) as info:
+        check_chat_messages(messages)
+    assert info.value.status == 400 and info.value.param == param
+
+
+def test_well_formed_chat_messages_pass():
+    from frugalray.serve.budget import check_chat_messages
+
+    check_chat_messages([{"role": "system", "content": None}, {"role": "user", "content": "2+2?"},
+                         {"role": "user", "content": [{"type": "text", "text": "hi"}]}])

@@ -182,10 +182,37 @@ def validation_to_request_error(err: ValidationError) -> RequestError:
     return RequestError(msg, param=param)
 
 
+def check_chat_messages(messages: Any) -> None:
+    """Shapes vLLM's chat parser only rejects deep inside the engine (as a 500): refuse them as a 400 here.
+
+    Each message is an object with a string `role` and a `content` that is a string, null, or a
+    list of content parts (objects with a string `type`).
+    """
+    if not isinstance(messages, list):
+        return  # the request types report a non-list `messages`
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise RequestError(f"{where}: must be an object with role and content", param=where)
+        if not isinstance(message.get("role"), str):
+            raise RequestError(f"{where}.role: must be a string such as 'user'", param=f"{where}.role")
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise RequestError(f"{where}.content: must be a string, null, or a list of content parts",
+                               param=f"{where}.content")
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise RequestError(f"{where}.content[{j}]: a content part is an object with a string 'type'",
+                                   param=f"{where}.content[{j}]")
+
+
 def parse_request(body: Any, max_samples_ceiling: int, max_tokens_ceiling: int,
                   request_timeout_s: float = 86400.0) -> BaseModel:
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object", param=None)
+    check_chat_messages(body.get("messages"))
     try:
         return request_model(max_samples_ceiling, max_tokens_ceiling, request_timeout_s).model_validate(body)
     except ValidationError as err:

@@ -367,10 +367,15 @@ def finetune_worker(config: dict[str, Any]) -> None:
         cfg.get("cpu_threads"), device=device,
     )
     host_ram = _gather_host_ram(session)  # per rank, right after loading + sharding
+    # A restart inside this run (a worker died) resumes from Ray Train's latest checkpoint; otherwise
+    # `resume_from` names where a stopped or finished run left off. (Ray Train v2 dropped
+    # TorchTrainer(resume_from_checkpoint=...); the loop loads the path itself.)
     start = ray.train.get_checkpoint()
     if start is not None:
         with start.as_directory() as directory:
             session.load_checkpoint(directory)
+    elif config.get("resume_checkpoint"):
+        session.load_checkpoint(config["resume_checkpoint"])
     extras = session.extras  # eval-before figures survive restarts inside the checkpoint
     if "eval_before" not in extras:
         before = session.evaluate() if session.steps_done == 0 else None
@@ -463,7 +468,7 @@ def export_merged_model(model_path: str, adapter_path: str, out_dir: str | Path)
 def run_finetune(cfg: FinetuneConfig, run_dir: str | Path, ledger=None) -> FinetuneResult:
     """Fine-tune with Ray Train; return the result and write `run_dir/adapter` + a ledger record."""
     import ray
-    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from frugalray.budget.ledger import ComputeLedger
@@ -503,6 +508,7 @@ def run_finetune(cfg: FinetuneConfig, run_dir: str | Path, ledger=None) -> Finet
             "eval_rows": data.eval_rows,
             "use_gpu": use_gpu,
             "steps_path": str(steps_path),
+            "resume_checkpoint": str(resume) if resume else None,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=use_gpu,
@@ -514,7 +520,6 @@ def run_finetune(cfg: FinetuneConfig, run_dir: str | Path, ledger=None) -> Finet
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        resume_from_checkpoint=Checkpoint(str(resume)) if resume else None,
     )
     result = trainer.fit()
     metrics = result.metrics

@@ -54,13 +54,13 @@ class LoopbackNode:
 
 
 class LoopbackCluster:
-    """Head (`head_cpus`, often 0 so drivers and coordination stay apart from work) plus worker nodes.
+    """Head (`head_cpus`; a 0-CPU head timed out in Ray 2.60's node startup on these machines) plus workers.
 
     Each worker node gets a custom resource `loopback_node_<name>` = 1 so tests can see where work landed
     and pin work to a node when they need to.
     """
 
-    def __init__(self, head_cpus: int = 0, worker_cpus: tuple[int, ...] = (2, 2), ray_bin: str | None = None,
+    def __init__(self, head_cpus: int = 1, worker_cpus: tuple[int, ...] = (2, 2), ray_bin: str | None = None,
                  env: dict[str, str] | None = None):
         self.ray_bin = ray_bin or str(Path(sys.executable).parent / "ray")
         self.head_cpus = head_cpus
@@ -88,20 +88,38 @@ class LoopbackCluster:
         self.nodes["head"] = head
         self.wait_for_nodes(1, timeout_s)
         for cpus in self.worker_cpus:
-            self.add_worker(cpus)
-        self.wait_for_nodes(1 + len(self.worker_cpus), timeout_s)
+            self.add_worker(cpus, timeout_s=timeout_s)
         return self
 
-    def add_worker(self, cpus: int) -> str:
+    def add_worker(self, cpus: int, timeout_s: float = 180.0, attempts: int = 3) -> str:
+        """Start a worker node and wait until the cluster sees it alive.
+
+        Ray gives a raylet 30 s to register with the GCS; on a busy 2-core machine that can run out,
+        and the node exits. Such a start is retried (the cluster is otherwise unaffected).
+        """
         self._counter += 1
         name = f"worker{self._counter}"
         resources = {f"{NODE_RESOURCE_PREFIX}{name}": 1.0}
-        node = self._spawn(name, [
-            "--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
-            "--resources", json.dumps(resources), "--disable-usage-stats",
-        ], cpus, resources)
-        self.nodes[name] = node
-        return name
+        expected = sum(1 for n in self.nodes.values() if n.alive) + 1
+        for attempt in range(1, attempts + 1):
+            node = self._spawn(name, [
+                "--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
+                "--resources", json.dumps(resources), "--disable-usage-stats",
+            ], cpus, resources)
+            self.nodes[name] = node
+            deadline = time.time() + timeout_s
+            while time.time() < deadline and node.alive:
+                try:
+                    if len(self.alive_nodes()) >= expected:
+                        return name
+                except Exception:  # noqa: BLE001 - the state API is busy; ask again
+                    pass
+                time.sleep(2)
+            log.warning("worker node %s did not come up (attempt %d/%d)", name, attempt, attempts)
+            if node.alive:
+                os.killpg(node.process.pid, signal.SIGKILL)
+                node.process.wait(timeout=30)
+        raise TimeoutError(f"worker node {name} did not join in {attempts} attempts; see {self.log_dir / name}.log")
 
     def _spawn(self, name: str, args: list[str], cpus: int, resources: dict[str, float]) -> LoopbackNode:
         cmd = [self.ray_bin, "start", "--block", *args, *_agent_ports()]

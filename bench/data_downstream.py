@@ -34,11 +34,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from frugalray.benchmarking import RESULTS_DIR, print_table, write_result
-from frugalray.data.generate import GenerateConfig, generate_tasks, is_correct, make_eval_set, write_rows
+from frugalray.data.generate import GenerateConfig, generate_tasks, make_eval_set, write_rows
 
 
-def accuracy(session, eval_rows: list[dict], max_new_tokens: int = 6) -> dict[int, float]:
-    """Greedy exact-match accuracy per difficulty, batched with left padding."""
+def reply_answer(text: str) -> str | None:
+    """The first integer after the last "=" or " is " on the reply's first non-empty line (else
+    the line's first integer): the untrained model echoes the question ("2 + 9 = 11"), where
+    the library's first-integer rule reads "2". A cut-off "4 - 2 = " gives None, not "2"."""
+    import re
+
+    line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    result = re.split(r"=| is ", line)[-1]
+    found = re.search(r"-?\d[\d,]*", result)
+    return str(int(found.group(0).replace(",", ""))) if found else None
+
+
+def accuracy(session, eval_rows: list[dict], max_new_tokens: int = 16, show: int = 0) -> dict[int, float]:
+    """Greedy exact-match accuracy per difficulty, batched with left padding (checked equal to
+    one-row-at-a-time generation). 16 new tokens: 6 cut the echoed equation before its result."""
     import torch
 
     from frugalray.data.formatting import chat_prompt_text
@@ -52,12 +65,16 @@ def accuracy(session, eval_rows: list[dict], max_new_tokens: int = 6) -> dict[in
     with torch.no_grad():
         for i in range(0, len(texts), 32):
             enc = tok(texts[i : i + 32], return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, use_cache=True)  # the training config turns the cache off
             answers += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     tok.padding_side = side
     by_level: dict[int, list[bool]] = {}
-    for row, text in zip(eval_rows, answers):
-        by_level.setdefault(row["difficulty"], []).append(is_correct(text, row))
+    for i, (row, text) in enumerate(zip(eval_rows, answers)):
+        ok = reply_answer(text) == str(row["answer"])
+        if i < show:
+            print(f"    {row['instruction']!r} -> {text!r} (answer {row['answer']}, {'ok' if ok else 'wrong'})", flush=True)
+        by_level.setdefault(row["difficulty"], []).append(ok)
     return {level: sum(v) / len(v) for level, v in sorted(by_level.items())}
 
 
@@ -144,7 +161,7 @@ def run(quick: bool) -> dict:
                          target_modules="all-linear", learning_rate=1e-3, compute_dtype="float32", eval_rows=0,
                          max_steps=max(1, round(n_rows / batch)))
     base_session = LoraTrainingSession(cfg, model_path, [{"prompt": "x", "response": "1"}], [])
-    base_acc = accuracy(base_session, eval_rows)
+    base_acc = accuracy(base_session, eval_rows, show=4)
     base = {"accuracy": sum(base_acc.values()) / len(base_acc), **{f"acc_d{k}": v for k, v in base_acc.items()}}
     del base_session
     print(f"untrained: {base_acc}", flush=True)

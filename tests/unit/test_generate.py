@@ -113,7 +113,9 @@ def test_eval_set_is_clean_distinct_and_disjoint_from_training():
 @pytest.mark.parametrize(
     "text,expected",
     [("81", "81"), ("The answer is 81.", "81"), ("1,234", "1234"), ("-7 apples", "-7"), ("007", "7"),
-     ("", None), (None, None), ("no digits here", None), ("81 or 82", "81")],
+     ("", None), (None, None), ("no digits here", None), ("81 or 82", "81"),
+     # replies that restate the question: the answer after the last '=' / 'is', never an operand
+     ("2 + 9 = 11", "11"), ("9 - 9 is 0.", "0"), ("2 + 9 = ", None), ("7 - 6 is 3.\nSo 1", "3")],
 )
 def test_extract_answer(text, expected):
     assert extract_answer(text, "arithmetic") == expected

@@ -224,15 +224,25 @@ def make_eval_set(
 _INTEGER = re.compile(r"-?\d[\d,]*")
 
 
-def extract_answer(text: str | None, family: str = "arithmetic") -> str | None:
-    """The first integer in `text` (commas removed, leading zeros dropped), or None.
+_STATED = re.compile(r"(?:=|\bis\b)")
 
-    Lenient on purpose: "The answer is 81." and "81" both give "81". Both families
-    answer with a number, so they share the rule.
+
+def extract_answer(text: str | None, family: str = "arithmetic") -> str | None:
+    """The stated answer in `text` as a normalized integer string, or None.
+
+    Lenient on purpose: "81", "The answer is 81." and "2 + 79 = 81" all give "81". A reply that
+    restates the question ("2 + 79 = 81") is read after its last '=' or 'is' on the first
+    non-empty line; a cut-off "2 + 79 = " gives None rather than the first operand. Without
+    either marker, the first integer. Both families answer with a number, so they share the rule.
     """
     if not text:
         return None
-    match = _INTEGER.search(text)
+    line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    markers = list(_STATED.finditer(line))
+    if markers:
+        match = _INTEGER.search(line, markers[-1].end())
+    else:
+        match = _INTEGER.search(text)
     if match is None:
         return None
     return str(int(match.group(0).replace(",", "")))

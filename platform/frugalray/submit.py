@@ -149,6 +149,10 @@ def _client(address: str):
 
 def submit(plan: SubmitPlan, wait: bool = True, out=sys.stdout) -> tuple[str, str]:
     """Submit; if `wait`, stream logs until the job ends. Returns (submission_id, final or current status)."""
+    # The uploaded working dir is pinned in the GCS only for this long before the job takes its own
+    # reference (Ray's default 600 s); a job queued behind others on a busy cluster can outlive it and
+    # then lose its package mid-run (ray-project/ray#23423). An hour covers a long queue.
+    os.environ.setdefault("RAY_RUNTIME_ENV_TEMPORARY_REFERENCE_EXPIRATION_S", "3600")
     client = _client(plan.address)
     submission_id = client.submit_job(
         entrypoint=plan.entrypoint, runtime_env=plan.runtime_env,

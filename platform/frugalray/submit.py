@@ -3,7 +3,7 @@
 The stage's config is validated here first (a typo never costs a cluster round trip), then the
 job's entrypoint is the same readable script a user would pass to `ray job submit`
 (`python jobs/<stage>.py --config ...`), shipped with the repository as the runtime_env's
-working_dir. Logs stream back until the job ends; the exit status is the job's.
+working_dir (on a loopback cluster, which shares this checkout, it runs in place instead). Logs stream back until the job ends; the exit status is the job's.
 
 Secrets (the Serve API key, tokens) travel only as environment variable *names* the cluster
 already has, or as runtime_env env_vars whose values are never printed.
@@ -129,16 +129,21 @@ def plan_submission(
         args += ["--run-dir", str(run_path.resolve()) if is_loopback(server) else run_dir]
     for item in overrides or []:
         args += ["--set", item]
-    runtime_env: dict[str, Any] = {
-        "working_dir": str(working_dir),
-        "excludes": UPLOAD_EXCLUDES,
+    env_vars = {"PYTHONPATH": "platform", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    if is_loopback(server):
+        # This machine's own cluster shares the checkout: run in place rather than through a GCS
+        # package. (Ray 2.60 lost an uploaded working_dir package mid-job on long-lived local test
+        # clusters: "Failed to download runtime_env file package gcs://...".)
+        entrypoint = f"cd {shlex.quote(str(working_dir))} && {shlex.join(args)}"
+        runtime_env: dict[str, Any] = {"env_vars": env_vars}
+    else:
+        entrypoint = shlex.join(args)
         # The uploaded source wins over whatever frugalray version the cluster has installed.
-        "env_vars": {"PYTHONPATH": "platform", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                     "TOKENIZERS_PARALLELISM": "false", **(env or {})},
-    }
+        runtime_env = {"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES, "env_vars": env_vars}
     if extras:
         runtime_env["pip"] = extra_requirements(extras)
-    return SubmitPlan(stage, shlex.join(args), runtime_env, server)
+    return SubmitPlan(stage, entrypoint, runtime_env, server)
 
 
 def _client(address: str):

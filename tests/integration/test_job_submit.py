@@ -27,8 +27,9 @@ def test_pipeline_via_ray_job_submit(ray_cluster, served_model, tmp_path):
     cmd = [
         str(Path(sys.executable).parent / "ray"), "job", "submit",
         "--address", ray_cluster["dashboard"],
-        "--working-dir", str(REPO),
-        "--", "python", "jobs/pipeline.py",
+        # The cluster shares this checkout, so the job runs in place (see frugalray.submit on why a
+        # working_dir package is avoided on long-lived local clusters).
+        "--", "cd", str(REPO), "&&", "python", "jobs/pipeline.py",
         "--config", "jobs/configs/pipeline_small.yaml",
         "--run-dir", str(run_dir),
         "--set", f"serve.http_port={port}",

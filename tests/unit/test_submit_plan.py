@@ -18,19 +18,23 @@ from frugalray.submit import (
 def test_plan_builds_the_documented_entrypoint(tmp_path):
     plan = plan_submission("finetune", "jobs/configs/finetune.yaml", ["max_steps=2"], run_dir="runs/ft",
                            address="http://127.0.0.1:8265")
-    args = shlex.split(plan.entrypoint)
+    # loopback cluster: the job runs in this checkout (no package upload)
+    assert plan.entrypoint.startswith(f"cd {REPO_ROOT} && ")
+    args = shlex.split(plan.entrypoint.split(" && ", 1)[1])
     assert args[:4] == ["python", "jobs/finetune.py", "--config", "jobs/configs/finetune.yaml"]
     # loopback cluster: the run dir is made absolute so outputs land where the user looks
     assert args[args.index("--run-dir") + 1] == str(Path("runs/ft").resolve())
     assert args[-2:] == ["--set", "max_steps=2"]
-    assert plan.runtime_env["working_dir"] == str(REPO_ROOT)
-    assert ".venv" in plan.runtime_env["excludes"] and "runs" in plan.runtime_env["excludes"]
+    assert "working_dir" not in plan.runtime_env
     assert plan.runtime_env["env_vars"]["PYTHONPATH"] == "platform"
 
 
 def test_remote_cluster_keeps_relative_run_dir():
     plan = plan_submission("sweep", "jobs/configs/sweep.yaml", run_dir="runs/sw", address="http://10.0.0.5:8265")
-    assert "--run-dir runs/sw" in plan.entrypoint
+    assert plan.entrypoint.startswith("python jobs/sweep.py") and "--run-dir runs/sw" in plan.entrypoint
+    # a remote cluster gets the repository as the uploaded working_dir, without the heavy folders
+    assert plan.runtime_env["working_dir"] == str(REPO_ROOT)
+    assert ".venv" in plan.runtime_env["excludes"] and "runs" in plan.runtime_env["excludes"]
 
 
 def test_bad_field_is_refused_before_any_submission():

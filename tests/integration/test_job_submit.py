@@ -8,6 +8,7 @@ under a FLOP cap) -> serve (Ray Serve LLM + vLLM) and query, then the summary an
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -24,15 +25,17 @@ def test_pipeline_via_ray_job_submit(ray_cluster, served_model, tmp_path):
     run_dir = tmp_path / "pipeline-run"
     # One Serve proxy per cluster: the job's app (its own name and route prefix) joins it.
     port = served_model["config"].http_port
+    pipeline = shlex.join([
+        "python", "jobs/pipeline.py", "--config", "jobs/configs/pipeline_small.yaml",
+        "--run-dir", str(run_dir), "--set", f"serve.http_port={port}",
+    ])
     cmd = [
         str(Path(sys.executable).parent / "ray"), "job", "submit",
         "--address", ray_cluster["dashboard"],
         # The cluster shares this checkout, so the job runs in place (see frugalray.submit on why a
-        # working_dir package is avoided on long-lived local clusters).
-        "--", "cd", str(REPO), "&&", "python", "jobs/pipeline.py",
-        "--config", "jobs/configs/pipeline_small.yaml",
-        "--run-dir", str(run_dir),
-        "--set", f"serve.http_port={port}",
+        # working_dir package is avoided on long-lived local clusters). `ray job submit` quotes each
+        # argument, so the `cd ... &&` goes to one shell as a single script.
+        "--", "bash", "-c", f"cd {shlex.quote(str(REPO))} && {pipeline}",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=REPO)
     out = proc.stdout + proc.stderr

@@ -89,10 +89,13 @@ class PassRateScorer:
         from frugalray.data.formatting import chat_prompt_text
 
         s = self.settings
-        params = SamplingParams(n=s.k, temperature=s.temperature, max_tokens=s.max_tokens)
+        # Greedy decoding gives one answer, and vLLM refuses n > 1 without sampling: draw it once
+        # and count it k times, so the pass rate of temperature 0 is 0 or 1 as it should be.
+        greedy = s.temperature == 0
+        params = SamplingParams(n=1 if greedy else s.k, temperature=s.temperature, max_tokens=s.max_tokens)
         texts = [chat_prompt_text(self.tokenizer, p) for p in prompts]
         outputs = self.llm.generate(texts, params, use_tqdm=False)
-        return [list(o.outputs) for o in outputs]
+        return [list(o.outputs) * (s.k if greedy else 1) for o in outputs]
 
     def __call__(self, batch):  # pyarrow.Table
         import pyarrow as pa

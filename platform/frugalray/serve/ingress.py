@@ -439,29 +439,10 @@ class FrugalIngress:
         the ingress tokenizes with the model's own HF tokenizer. The engine's count replaces
         it (if larger) after the first round.
         """
-        path = self._s.get("model_path")
-        if path is None:
+        if self._s.get("model_path") is None:
             raise RequestError("compute_budget.max_flops: this server cannot count prompt tokens",
                                param="compute_budget.max_flops")
-        if self._tokenizer is None:
-            from frugalray.models import load_tokenizer
-
-            self._tokenizer = await asyncio.to_thread(load_tokenizer, path)
-        tokenizer = self._tokenizer
-
-        def count() -> int:
-            if kind == "chat":
-                ids = tokenizer.apply_chat_template(payload["messages"], add_generation_prompt=True, tokenize=True)
-                if not isinstance(ids, list):  # a BatchEncoding (transformers 5 returns a dict by default)
-                    ids = ids["input_ids"]
-                return len(ids)
-            return len(tokenizer(payload["prompt"]).input_ids)
-
-        try:
-            return await asyncio.to_thread(count)
-        except Exception as err:  # noqa: BLE001 - a prompt the template cannot render is the client's
-            raise RequestError(f"messages: cannot render the prompt to count its tokens ({err})",
-                               param="messages" if kind == "chat" else "prompt") from None
+        return len(await self._prompt_ids(kind, payload))
 
     async def _prompt_ids(self, kind: str, payload: dict[str, Any]) -> list[int]:
         """The prompt's token ids under the served tokenizer and chat template."""

@@ -177,7 +177,11 @@ def trial_cost_bounds(cfg: FinetuneConfig, shape, eval_rows: int) -> tuple[float
     from frugalray.train.loop import eval_flops_upper_bound, train_step_flops_upper_bound
 
     lora = shape.lora_params(cfg.lora_rank, cfg.target_modules)
-    step = train_step_flops_upper_bound(shape, cfg.batch_size, cfg.seq_len, cfg.method, lora)
+    # A step is grad_accum_steps micro-batches, each recomputing its forward under checkpointing:
+    # leaving either out would reserve less than the step spends, and the budget refuses to settle.
+    step = train_step_flops_upper_bound(shape, cfg.batch_size, cfg.seq_len, cfg.method, lora,
+                                        accum_steps=cfg.grad_accum_steps,
+                                        gradient_checkpointing=cfg.gradient_checkpointing)
     return step, eval_flops_upper_bound(shape, eval_rows, cfg.seq_len, lora)
 
 

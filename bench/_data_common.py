@@ -17,7 +17,10 @@ from pathlib import Path
 
 
 def score_in_process(input_path: Path, output_dir: Path, scorers: tuple[str, ...] = ("perplexity", "heuristics"),
-                     dedup_threshold: float | None = 0.5, batch_size: int = 32, max_length: int = 128) -> dict:
+                     dedup_threshold: float | None = 0.5, batch_size: int = 32, max_length: int = 128,
+                     answer_column: str | None = "answer") -> dict:
+    """Score `input_path` into `output_dir` (one Parquet file + the sidecar). The `verifier`
+    scorer reads each row's reference answer from `answer_column` (`fields.answer` of the job)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm import tqdm
@@ -28,13 +31,16 @@ def score_in_process(input_path: Path, output_dir: Path, scorers: tuple[str, ...
     from frugalray.models import DEFAULT_MODEL, resolve_model
 
     started = time.time()
-    loaded = load_records(input_path, FieldMapping())
+    verify = "verifier" in scorers
+    loaded = load_records(input_path, FieldMapping(answer=answer_column if verify else None))
     rows = loaded.rows
-    scorer = RowScorer(resolve_model(DEFAULT_MODEL), max_length, torch_threads=os.cpu_count(), scorers=scorers)
+    scorer = RowScorer(resolve_model(DEFAULT_MODEL), max_length, torch_threads=os.cpu_count(), scorers=scorers,
+                       answer_column=answer_column)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt"]) + len(rows[i]["response"]))
     for start in tqdm(range(0, len(order), batch_size), desc="scoring"):
         idx = order[start : start + batch_size]
-        out = scorer.score([rows[i]["prompt"] for i in idx], [rows[i]["response"] for i in idx])
+        answers = [rows[i].get(answer_column) for i in idx] if verify else None
+        out = scorer.score([rows[i]["prompt"] for i in idx], [rows[i]["response"] for i in idx], answers)
         for column, values in out.items():
             for i, v in zip(idx, values):
                 rows[i][column] = v

@@ -38,6 +38,10 @@ class FieldMapping(StrictModel):
 
     With `messages` set, the prompt is the user turn(s) right before the final assistant turn
     and the response is that assistant turn; `instruction`/`input`/`response` are then unused.
+
+    `answer` names the column holding each row's reference answer (verifiable tasks: the
+    `verifier` scorer checks the response against it). Unset (None) by default; once set, the
+    dataset must have that column (a row whose cell is null just has no reference).
     """
 
     instruction: str | None = "instruction"
@@ -45,6 +49,7 @@ class FieldMapping(StrictModel):
     response: str | None = "response"
     messages: str | None = None
     id: str | None = "id"
+    answer: str | None = None
 
     @model_validator(mode="after")
     def _messages_excludes_columns(self) -> FieldMapping:
@@ -80,6 +85,7 @@ class FieldMapping(StrictModel):
     def mapped(self) -> dict[str, str]:
         """Config field name -> dataset column, for the fields in use."""
         names = ("messages", "id") if self.messages is not None else ("instruction", "input", "response", "id")
+        names += ("answer",)
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 

@@ -33,6 +33,10 @@ the signals allow; `n_tokens` / `n_loss_tokens` are always written:
   column `grand`;
 - `heuristics`: model-free text signals (`signals.heuristic_scores`): `prompt_chars`,
   `response_chars`, `garbage_ratio`, `repetition_ratio`, `degenerate_reason`;
+- `verifier`: for verifiable tasks, whether the response states the row's reference answer
+  (`signals.answer_correct`, `generate.extract_answer` on both): `answer_correct` 1.0 / 0.0,
+  null for a row without a reference. Needs `fields.answer` (the reference-answer column;
+  a ConfigError otherwise). No model, 0 FLOPs. `select`'s `drop_wrong_answer` filters on it;
 - `duplicates`: exact (normalized hash) and MinHash-LSH near duplicates with cluster ids
   (`signals.duplicate_clusters`): `dup_hash`, `dup_cluster`, `dup_cluster_size`, `dup_kind`.
   The signatures are a Ray Data map over the rows; clustering (needs every row) runs on the driver.
@@ -87,7 +91,9 @@ from frugalray.models import DEFAULT_MODEL
 log = logging.getLogger(__name__)
 
 SCORE_COLUMNS = ("perplexity", "mean_nll", "n_tokens", "n_loss_tokens")
-ScorerName = Literal["perplexity", "ifd", "grand", "heuristics", "duplicates", "dynamics", "influence", "pass_rate"]
+ScorerName = Literal[
+    "perplexity", "ifd", "grand", "heuristics", "verifier", "duplicates", "dynamics", "influence", "pass_rate",
+]
 MODEL_SCORERS = ("perplexity", "ifd", "grand", "dynamics", "influence", "pass_rate")
 # Output columns of each scorer (n_tokens / n_loss_tokens are always written).
 SCORER_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -95,6 +101,7 @@ SCORER_COLUMNS: dict[str, tuple[str, ...]] = {
     "ifd": ("ifd", "mean_nll", "mean_nll_response_alone"),
     "grand": ("grand",),
     "heuristics": ("prompt_chars", "response_chars", "garbage_ratio", "repetition_ratio", "degenerate_reason"),
+    "verifier": ("answer_correct",),
     "duplicates": ("dup_hash", "dup_cluster", "dup_cluster_size", "dup_kind"),
     "dynamics": DYNAMICS_COLUMNS,
     "influence": ("influence",),
@@ -147,7 +154,8 @@ class ScoreConfig(StrictModel):
     dtype: Literal["float32", "bfloat16"] = "float32"
     scorers: list[ScorerName] = Field(
         default_factory=lambda: ["perplexity"], min_length=1,
-        description="signals to compute: perplexity, ifd, grand, heuristics, duplicates, dynamics, influence, pass_rate",
+        description=("signals to compute: perplexity, ifd, grand, heuristics, verifier (needs fields.answer), duplicates, "
+                     "dynamics, influence, pass_rate"),
     )
     grand: GrandSettings = Field(default_factory=GrandSettings)
     dedup: DedupSettings = Field(default_factory=DedupSettings)
@@ -160,6 +168,12 @@ class ScoreConfig(StrictModel):
         repeated = sorted({s for s in self.scorers if self.scorers.count(s) > 1})
         if repeated:
             raise ValueError(f"scorers: {repeated} listed more than once; list each scorer once")
+        if "verifier" in self.scorers and self.fields.answer is None:
+            raise ValueError(
+                "fields.answer: the verifier scorer checks each response against the row's reference answer, but no "
+                "reference-answer column is mapped; set fields.answer to the column holding it (e.g. answer) "
+                "or remove verifier from scorers"
+            )
         if "influence" in self.scorers and not self.influence.target_path:
             raise ValueError("influence.target_path: required by the influence scorer; name a small file of target examples")
         if self.max_tokens is not None and self.max_tokens > self.max_length:
@@ -194,7 +208,7 @@ _COLUMN_TYPES = {
     "perplexity": "float64", "mean_nll": "float64", "n_tokens": "int64", "n_loss_tokens": "int64",
     "ifd": "float64", "mean_nll_response_alone": "float64", "grand": "float64",
     "prompt_chars": "int64", "response_chars": "int64", "garbage_ratio": "float64",
-    "repetition_ratio": "float64", "degenerate_reason": "string",
+    "repetition_ratio": "float64", "degenerate_reason": "string", "answer_correct": "float64",
     "el2n": "float64", "dyn_loss_mean": "float64", "dyn_loss_var": "float64", "forgetting_events": "int64",
     "dyn_acc_mean": "float64", "influence": "float64",
     "pass_rate": "float64", "difficulty_bucket": "string", "pass_gen_tokens": "int64",
@@ -206,7 +220,8 @@ class RowScorer:
     actor, reused for every batch; computes every requested per-row signal of a batch.
 
     `dynamics`: {"checkpoints": [adapter dirs], "chunk_tokens": int}; `influence`:
-    {"settings": InfluenceSettings fields, "targets": [[prompt, response], ...]}.
+    {"settings": InfluenceSettings fields, "targets": [[prompt, response], ...]};
+    `answer_column`: the batch column holding the reference answers (`verifier`).
     """
 
     def __init__(
@@ -219,6 +234,7 @@ class RowScorer:
         grand: dict | None = None,
         dynamics: dict | None = None,
         influence: dict | None = None,
+        answer_column: str | None = None,
     ):
         import torch
 
@@ -227,6 +243,7 @@ class RowScorer:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.scorers = tuple(scorers)
+        self.answer_column = answer_column
         self.tokenizer = load_tokenizer(model_path)
         self.max_length = max_length
         self.pad_id = self.tokenizer.pad_token_id
@@ -380,8 +397,9 @@ class RowScorer:
                 grads[i] = torch.cat([g.reshape(-1) for g in flat]).float()
         return project(grads, self.inf.dim, self.inf.seed)
 
-    def score(self, prompts: list[str], responses: list[str]) -> dict[str, list]:
-        """Every requested signal of each row, plus token counts."""
+    def score(self, prompts: list[str], responses: list[str], answers: list | None = None) -> dict[str, list]:
+        """Every requested signal of each row, plus token counts. `answers`: each row's reference
+        answer (None where it has none), for the verifier."""
         from frugalray.data.formatting import IGNORE_INDEX
 
         examples = [self._tokenize(p, r) for p, r in zip(prompts, responses)]
@@ -411,6 +429,11 @@ class RowScorer:
             rows = [heuristic_scores(p, r) for p, r in zip(prompts, responses)]
             for name in SCORER_COLUMNS["heuristics"]:
                 out[name] = [row[name] for row in rows]
+        if "verifier" in self.scorers:
+            from frugalray.data.signals import answer_correct
+
+            references = answers if answers is not None else [None] * len(responses)
+            out["answer_correct"] = [answer_correct(r, a) for r, a in zip(responses, references)]
         if "dynamics" in self.scorers:
             rows = self._dynamics(examples)
             for name in SCORER_COLUMNS["dynamics"]:
@@ -424,7 +447,10 @@ class RowScorer:
     def __call__(self, batch):  # a pyarrow.Table: nested columns pass through untouched
         import pyarrow as pa
 
-        scores = self.score(batch.column("prompt").to_pylist(), batch.column("response").to_pylist())
+        answers = None
+        if "verifier" in self.scorers and self.answer_column in batch.column_names:
+            answers = batch.column(self.answer_column).to_pylist()
+        scores = self.score(batch.column("prompt").to_pylist(), batch.column("response").to_pylist(), answers)
         for name, values in scores.items():
             column = pa.array(values, type=getattr(pa, _COLUMN_TYPES[name])())
             if name in batch.column_names:
@@ -514,7 +540,7 @@ def scorer_flops(
         flops["ifd"] = shared + _row_flops(shape, response_alone_tokens)
     if "grand" in cfg.scorers:
         flops["grand"] = _train_flops(shape, n_tokens, shape.lora_params(cfg.grand.lora_rank, cfg.grand.target_modules))
-    for name in ("heuristics", "duplicates"):
+    for name in ("heuristics", "verifier", "duplicates"):
         if name in cfg.scorers:
             flops[name] = 0.0  # no model: CPU string work, negligible next to a forward pass
     if "dynamics" in cfg.scorers:
@@ -548,6 +574,8 @@ def _scorer_settings(cfg: ScoreConfig, name: str) -> dict:
         return cfg.dedup.model_dump()
     if name == "heuristics":
         return {}
+    if name == "verifier":
+        return {"answer_column": cfg.fields.answer, "extract": "generate.extract_answer"}
     if name == "dynamics":
         return {**cfg.dynamics.model_dump(), "max_length": cfg.max_length, "dtype": cfg.dtype}
     if name == "influence":
@@ -789,6 +817,7 @@ def run_score(cfg: ScoreConfig, run_dir: str | Path, ledger=None) -> ScoreResult
                 "grand": cfg.grand.model_dump(),
                 "dynamics": {"checkpoints": proxy["checkpoints"], "chunk_tokens": cfg.dynamics.chunk_tokens},
                 "influence": {"settings": cfg.influence.model_dump(mode="json"), "targets": targets},
+                "answer_column": cfg.fields.answer,
             },
             concurrency=cfg.num_actors,
             batch_size=cfg.batch_size,

@@ -21,8 +21,9 @@ per duplicate cluster: its best-ranked one. `curriculum: <score>` writes the kep
 ascending order of that score (easy -> hard) with a `curriculum_rank` column; without it
 the kept rows are written in rank order.
 
-Every dropped row has a reason: `unscorable` (no finite score), `duplicate` (another row of
-its cluster was kept) or `budget` (ranked outside the budget). The report counts them,
+Every dropped row has a reason: `unscorable` (no finite score), `degenerate` / `garbage` /
+`wrong_answer` (a filter below), `duplicate` (another row of its cluster was kept) or
+`budget` (ranked outside the budget). The report counts them,
 shows a few examples of each, and draws a histogram per score column (PNG, all rows vs
 kept). Nothing is lost: with the scoring sidecar next to the input, the job checks that
 the rows scoring read equal kept + dropped + quarantined.
@@ -42,8 +43,10 @@ Budgets (any combination; every one set is respected, none is ever exceeded):
 Rows with a non-finite score (e.g. a response truncated away while scoring) are never kept.
 
 Filters before ranking, each a drop reason of its own: `drop_degenerate` (the heuristics
-scorer's `degenerate_reason` is set: empty, repetitive, copies the prompt) and
-`max_garbage_ratio` (character-level garbage above the threshold).
+scorer's `degenerate_reason` is set: empty, repetitive, copies the prompt),
+`max_garbage_ratio` (character-level garbage above the threshold) and `drop_wrong_answer`
+(the verifier scorer's `answer_correct` is 0: the response does not state the row's reference
+answer; rows without a reference, `answer_correct` null, are not judged and stay).
 
 `strategy: auto` runs a small proxy experiment (`frugalray.data.auto_select`): each candidate
 strategy selects under the same budget, a tiny LoRA fine-tune trains on each subset, and the
@@ -79,7 +82,7 @@ log = logging.getLogger(__name__)
 
 Strategy = Literal["lowest", "highest", "random", "middle", "stratified", "weighted"]
 SelectStrategy = Literal["lowest", "highest", "random", "middle", "stratified", "weighted", "auto"]
-DropReason = Literal["unscorable", "degenerate", "garbage", "duplicate", "budget"]
+DropReason = Literal["unscorable", "degenerate", "garbage", "wrong_answer", "duplicate", "budget"]
 # Numeric columns `score` may write; the report draws a histogram of each one present.
 HISTOGRAM_COLUMNS = (
     "perplexity", "mean_nll", "ifd", "grand", "n_tokens", "garbage_ratio", "repetition_ratio", "response_chars",
@@ -129,6 +132,10 @@ class SelectConfig(StrictModel):
     )
     max_garbage_ratio: float | None = Field(
         default=None, ge=0.0, le=1.0, description="drop rows whose garbage_ratio (heuristics scorer) is above this"
+    )
+    drop_wrong_answer: bool = Field(
+        default=False,
+        description="drop rows whose response does not state the reference answer (verifier scorer: answer_correct == 0)",
     )
     seed: int = 0
     strata: int = Field(default=5, ge=1, description="quantile bins of the stratified strategy")
@@ -336,15 +343,20 @@ def pack_by_preference(
 
 
 def filter_reasons(
-    rows: list[dict[str, Any]], drop_degenerate: bool = False, max_garbage_ratio: float | None = None
+    rows: list[dict[str, Any]], drop_degenerate: bool = False, max_garbage_ratio: float | None = None,
+    drop_wrong_answer: bool = False,
 ) -> dict[int, str]:
-    """Rows removed before ranking by the heuristics scorer's columns: {row index: reason}."""
+    """Rows removed before ranking by the heuristics and verifier scorers' columns: {row index: reason}.
+
+    A row several filters catch gets the first reason of degenerate, garbage, wrong_answer."""
     reasons: dict[int, str] = {}
     for i, row in enumerate(rows):
         if drop_degenerate and row.get("degenerate_reason"):
             reasons[i] = "degenerate"
         elif max_garbage_ratio is not None and _finite(row.get("garbage_ratio")) and row["garbage_ratio"] > max_garbage_ratio:
             reasons[i] = "garbage"
+        elif drop_wrong_answer and _finite(row.get("answer_correct")) and row["answer_correct"] == 0:
+            reasons[i] = "wrong_answer"  # null / NaN: no reference answer, nothing to judge
     return reasons
 
 
@@ -494,11 +506,12 @@ def selection_report(
         "dedup": cfg.dedup,
         "drop_degenerate": cfg.drop_degenerate,
         "max_garbage_ratio": cfg.max_garbage_ratio,
+        "drop_wrong_answer": cfg.drop_wrong_answer,
         "weights": weights,
         "curriculum": cfg.curriculum,
         "drop_reasons": selection.reason_counts(),
         "drop_examples": _drop_examples(
-            selection, [score, *(weights or {}), "garbage_ratio", "degenerate_reason", "n_tokens"]
+            selection, [score, *(weights or {}), "garbage_ratio", "degenerate_reason", "answer_correct", "n_tokens"]
         ),
     }
     if any("noise_kind" in r for r in rows):
@@ -594,11 +607,14 @@ def _check_columns(cfg: SelectConfig, columns: list[str]) -> None:
         ("cluster_column", cfg.cluster_column if cfg.dedup else None), ("curriculum", cfg.curriculum),
         ("drop_degenerate", "degenerate_reason" if cfg.drop_degenerate else None),
         ("max_garbage_ratio", "garbage_ratio" if cfg.max_garbage_ratio is not None else None),
+        ("drop_wrong_answer", "answer_correct" if cfg.drop_wrong_answer else None),
     ]:
         if column is not None and column not in columns:
             hint = {"cluster_column": " (score with scorers: [..., duplicates])",
                     "drop_degenerate": " (score with scorers: [..., heuristics])",
-                    "max_garbage_ratio": " (score with scorers: [..., heuristics])"}.get(name, "")
+                    "max_garbage_ratio": " (score with scorers: [..., heuristics])",
+                    "drop_wrong_answer": (" (score with scorers: [..., verifier] and fields.answer: <reference-answer "
+                                          "column>, or set drop_wrong_answer: false)")}.get(name, "")
             problems.append(f"{name}: column '{column}' not in '{cfg.input_path}' (columns: {listed}){hint}")
     if cfg.strategy == "auto":
         usable = [c for c in cfg.auto.candidates if c.strategy == "random" or all(
@@ -649,7 +665,7 @@ def run_select(cfg: SelectConfig, run_dir: str | Path, ledger=None) -> SelectRes
         "keep_fraction": cfg.keep_fraction, "token_budget": token_limit, "seed": cfg.seed,
         "token_column": cfg.token_column, "strata": cfg.strata,
         "cluster_column": cfg.cluster_column if cfg.dedup else None, "token_cap": token_cap,
-        "excluded": filter_reasons(rows, cfg.drop_degenerate, cfg.max_garbage_ratio),
+        "excluded": filter_reasons(rows, cfg.drop_degenerate, cfg.max_garbage_ratio, cfg.drop_wrong_answer),
     }
     strategy, score, weights, auto = cfg.strategy, cfg.score, cfg.weights, None
     if cfg.strategy == "auto":

@@ -12,6 +12,13 @@ Heuristics (`heuristic_scores`), per row, on the response:
   `repetitive` (repetition_ratio > 0.5 over 8+ words, or one character filling most of a
   long response) or `copies_prompt` (the response is the prompt, normalized).
 
+Verifier (`answer_correct`), for verifiable tasks with a reference answer: 1.0 when the
+answer stated in the response (`generate.extract_answer`: "11", "The answer is 11.",
+"2 + 9 = 11" all state 11) equals the reference's, 0.0 when it differs or none is stated,
+None when the row has no reference (null, empty or NaN). A reference with no number in it
+("Paris") must equal the whole response up to case, spacing and sentence punctuation. The same check as the pass-rate
+scorer applies to sampled completions (`difficulty.pass_rate_of`), here on the row's own response.
+
 Duplicates (`duplicate_clusters`): rows whose normalized text (NFKC, lower case, words and
 symbols, no sentence punctuation or spacing)
 is equal are exact duplicates; rows whose MinHash-estimated Jaccard similarity of word
@@ -24,6 +31,7 @@ cluster id is the representative's position, so ids are stable for a given input
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -35,6 +43,7 @@ _TOKEN = re.compile(r"\w+|[^\w\s.,;:!?'\"()\[\]-]|(?<=\s)-(?=\s*\d)")
 _SENTENCE_PUNCT = set(".,;:!?'\"()-[]/%$+=*<>")
 _VOWELS = set("aeiouyAEIOUY")
 
+VERIFIER_COLUMNS = ("answer_correct",)
 HEURISTIC_COLUMNS = ("prompt_chars", "response_chars", "garbage_ratio", "repetition_ratio", "degenerate_reason")
 DEDUP_COLUMNS = ("dup_hash", "dup_cluster", "dup_cluster_size", "dup_kind")
 
@@ -89,6 +98,23 @@ def heuristic_scores(prompt: str, response: str) -> dict[str, Any]:
         "repetition_ratio": repetition_ratio(response),
         "degenerate_reason": degenerate_reason(prompt, response),
     }
+
+
+def answer_correct(response: str | None, reference: Any) -> float | None:
+    """1.0 / 0.0: does the response state the reference answer; None without a reference."""
+    from frugalray.data.generate import extract_answer
+
+    if reference is None or isinstance(reference, bool):
+        return None
+    if isinstance(reference, float) and not math.isfinite(reference):
+        return None  # a missing cell read back from Parquet/pandas as NaN
+    text = str(reference).strip()
+    if not text:
+        return None
+    expected = extract_answer(text)  # a reference written as "The answer is 11" is read like a response
+    if expected is None:  # a non-numeric reference ("Paris"): the whole response, normalized, must match
+        return 1.0 if normalize_text(response or "") == normalize_text(text) else 0.0
+    return 1.0 if extract_answer(response) == expected else 0.0
 
 
 # --- duplicates -----------------------------------------------------------------------------

@@ -5,8 +5,9 @@
 
 Data: generated verifiable tasks (1-2 digit sums and differences) with 20% labelled noise of
 every kind. frugalray's half: one real scoring run (Ray Data: perplexity, heuristics,
-duplicates, with the Ray Data job's operator in process: bench/_data_common.py) and `select` keeping 50% of the rows with dedup, the degenerate / garbage filters
-and the lowest perplexity first. The random half: `select` with strategy random, 50%.
+duplicates and the verifier against each task's reference answer, with the Ray Data job's operator
+in process: bench/_data_common.py) and `select` keeping 50% of the rows with dedup, the degenerate /
+garbage / wrong-answer filters and the lowest perplexity first. The random half: `select` with strategy random, 50%.
 
 Training: the project's own loop (`frugalray.train.loop.LoraTrainingSession`, LoRA, fp32
 compute, same seed, batch and learning rate for every arm) for one epoch over each arm's
@@ -139,11 +140,12 @@ def run(quick: bool) -> dict:
         pool = make_eval_set(per_level * 6, seed=700 + level, max_digits=level, exclude_instructions=train_instructions)
         eval_rows += [r for r in pool if r["difficulty"] == level][:per_level]
 
-    scored = score_in_process(work / "tasks.jsonl", work / "scored", ("perplexity", "heuristics"), dedup_threshold=0.5)
+    scored = score_in_process(work / "tasks.jsonl", work / "scored", ("perplexity", "heuristics", "verifier"),
+                              dedup_threshold=0.5)
     arms_cfg = {
         "random half": {"strategy": "random"},
         "frugalray half": {"strategy": "lowest", "score": "perplexity", "dedup": True, "drop_degenerate": True,
-                           "max_garbage_ratio": 0.2},
+                           "max_garbage_ratio": 0.2, "drop_wrong_answer": True},
     }
     fraction = min(1.0, round(0.5 * n_rows) / scored["rows_scored"])
     data = {"all noisy": None}

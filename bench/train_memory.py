@@ -1,6 +1,6 @@
 """train_memory: the memory planner's prediction vs the peak memory a real training run reaches.
 
-    python bench/train_memory.py            # full: 10 configurations (10-60 minutes on 2 shared cores)
+    python bench/train_memory.py            # full: 11 configurations (10-60 minutes on 2 shared cores)
     python bench/train_memory.py --quick    # 3 configurations (a couple of minutes)
 
 Every configuration runs in a FRESH Python process (`--worker`), which:
@@ -52,6 +52,8 @@ FULL_CONFIGS = [
     ("full-s128-sgd", "full", "float32", 128, 1, False, "sgd"),
     ("qlora-s128-mb2-8bit", "qlora", "float32", 128, 2, False, "adamw_8bit"),
     ("qlora-s512-gc", "qlora", "float32", 512, 1, True, "adamw"),
+    # QLoRA with bf16 compute: the like-for-like partner of lora-bf16-s512 (same activation dtype)
+    ("qlora-bf16-s512", "qlora", "bfloat16", 512, 1, False, "adamw"),
 ]
 # glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
 # freed activations stay in the heap: at seq 512 that retained ~0.5 GiB beyond the live tensors.
@@ -335,6 +337,7 @@ def summarize(records: list[dict], arch, ref: dict, config: dict, out_dir, final
         "max_abs_error": round(max(errors), 4) if errors else None,
         "configs_measured": len(records),
         "qlora_over_lora_bf16_s512": ratio("qlora-s512", "lora-bf16-s512"),
+        "qlora_bf16_over_lora_bf16_s512": ratio("qlora-bf16-s512", "lora-bf16-s512"),
         "qlora_over_lora_fp32_s512": ratio("qlora-s512", "lora-s512"),
         "qlora_over_full_s512": ratio("qlora-s512", "full-s512"),
         "peak_MiB": {r["name"]: round(r["measured"]["peak_bytes"] / MiB, 1) for r in records},

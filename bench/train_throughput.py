@@ -114,7 +114,6 @@ def ray_run(model_path: str, data: str, method: str, steps: int, global_batch: i
     started = time.perf_counter()
     result = run_finetune(cfg, run_dir)
     wall = time.perf_counter() - started
-    hist = json.loads(Path(result.steps_file).read_text().splitlines()[-1])  # noqa: F841 - file exists
     rows = [json.loads(line) for line in Path(result.steps_file).read_text().splitlines()][1:]  # drop warm-up
     seconds = sum(r["seconds"] for r in rows)
     tokens = sum(r["tokens"] for r in rows)

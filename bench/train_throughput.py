@@ -171,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
 
     config = {"quick": args.quick, "methods": methods, "timed_steps": steps, "global_batch": global_batch,
               "seq_len": seq_len, "threads": threads, "model": DEFAULT_MODEL, "lora_rank": 8,
-              "compute_dtype": "float32", "note": "shared 2-core machine; ratios from back-to-back runs"}
+              "compute_dtype": "float32", "note": "shared 2-core machine; ratios from back-to-back runs",
+              # Other work on the box skews back-to-back variants differently: read the ratios with this.
+              "load_average_at_end": list(os.getloadavg())}
     # What a 2-core box can hope for: FSDP on 2 workers splits the same 2 cores, so parity with
     # the plain loop (ratio ~1) is the ceiling; the target records how much Ray+FSDP may cost.
     targets = {f"{m}_ray_fsdp_2w_vs_plain": ">= 0.7" for m in methods}

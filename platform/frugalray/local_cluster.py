@@ -163,8 +163,12 @@ class LoopbackCluster:
     def alive_nodes(self) -> list[dict]:
         from ray.util.state import list_nodes
 
-        return [n.__dict__ if hasattr(n, "__dict__") else dict(n)
-                for n in list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")])]
+        # Filter here, not server-side: with a filter that drops dead nodes, Ray 2.60's state API
+        # compares the unfiltered total with the filtered count and raises "data truncation"
+        # as soon as any node has died.
+        nodes = [n.__dict__ if hasattr(n, "__dict__") else dict(n)
+                 for n in list_nodes(address=self.dashboard, limit=10_000, raise_on_missing_output=False)]
+        return [n for n in nodes if n.get("state") == "ALIVE"]
 
     def wait_for_nodes(self, count: int, timeout_s: float = 180.0) -> None:
         deadline = time.time() + timeout_s

@@ -80,6 +80,9 @@ class FinetuneConfig(StrictModel):
     length_bucketing: bool = False
     # >1 shards the model with FSDP2 across Ray Train workers (gloo on CPU, NCCL on GPU).
     num_workers: int = Field(1, ge=1)
+    # Where Ray puts the workers: PACK fills as few nodes as possible (least traffic); SPREAD puts
+    # them on different nodes where it can (one lost node then takes fewer workers down with it).
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
     # auto: GPUs when the cluster has one per worker, else CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
@@ -513,6 +516,7 @@ def run_finetune(cfg: FinetuneConfig, run_dir: str | Path, ledger=None) -> Finet
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=use_gpu,
             resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1},
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=RunConfig(
             storage_path=str(run_dir / "ray_train"),

@@ -1,0 +1,319 @@
+"""Scale-out on one machine, for real: a head plus two worker nodes on loopback, each its own raylet.
+
+Jobs go in through `frugalray submit` (the Jobs SDK), as on a real cluster; placement is read from
+Ray's state API. A worker node is SIGKILLed mid-stage, like a lost machine, and a replacement node
+joins (as an autoscaler would bring one). Per stage:
+- score: the actors spread over both worker nodes; after a kill no row is lost or written twice.
+- finetune: 2 FSDP workers (placement_strategy SPREAD) on two nodes; after a kill the worker group
+  restarts from the last checkpoint (no step before it runs twice) and the run ends at max_steps.
+- sweep: 3 concurrent trials span nodes; the trial on the killed node errors, its open FLOP hold
+  stays charged against the cap (never reused), the others finish, the cap is never exceeded.
+Serve (replica placement and replacement) is not covered here: a vLLM replica takes about a minute
+to start on these machines, and two plus a replacement would double this module's time.
+
+One 3-node cluster serves the whole module (about 9 minutes on 2 busy cores).
+
+The session's shared `ray_cluster` is a different cluster: this module drives its own through the
+job server only, so the pytest process stays a driver of one cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def loopback_cluster():
+    from frugalray.local_cluster import LoopbackCluster
+
+    # A 1-CPU head (a 0-CPU head timed out in Ray 2.60's node startup here) and 2-CPU workers: a 2-CPU
+    # scoring actor fits only on a worker node.
+    cluster = LoopbackCluster(head_cpus=1, worker_cpus=(2, 2))
+    try:
+        cluster.start(timeout_s=300)
+    except Exception:
+        cluster.stop()
+        raise
+    yield cluster
+    cluster.stop()
+
+
+def _tasks(path: Path, n_rows: int) -> Path:
+    from frugalray.data.generate import GenerateConfig, generate_tasks, write_rows
+
+    write_rows(generate_tasks(GenerateConfig(n_rows=n_rows, seed=11, noise_rate=0.1)), path)
+    return path
+
+
+def _submit(cluster, stage: str, config: str, run_dir: Path, sets: list[str], wait: bool = True):
+    """`frugalray submit STAGE` against the loopback cluster's job server, as a user would run it."""
+    cmd = [sys.executable, "-m", "frugalray.cli", "submit", stage, "--config", config,
+           "--address", cluster.dashboard, "--run-dir", str(run_dir)]
+    for item in sets:
+        cmd += ["--set", item]
+    if not wait:
+        proc = subprocess.run(cmd + ["--no-wait"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        return proc.stdout.strip().splitlines()[-1]  # the submission id
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, check=False)
+
+
+def _submit_score(cluster, tasks: Path, out: Path, run_dir: Path, extra: list[str], wait: bool = True):
+    sets = [f"input_path={tasks}", f"output_path={out}", "num_actors=2", "num_cpus_per_actor=2", "batch_size=4",
+            "max_length=64", *extra]
+    return _submit(cluster, "score", "jobs/configs/score.yaml", run_dir, sets, wait)
+
+
+def _follow(cluster, submission_id: str, log_path: Path) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    from frugalray.submit import follow
+
+    with open(log_path, "w") as log:
+        return follow(JobSubmissionClient(cluster.dashboard), submission_id, out=log)
+
+
+def _actor_nodes(cluster, class_names: tuple[str, ...], alive_only: bool = True) -> dict[str, str]:
+    """actor id -> node name (head / workerN; "gone" for a dead node) of the actors of these classes."""
+    from ray.util.state import list_actors
+
+    names = cluster.node_names_by_id()
+    actors = list_actors(address=cluster.dashboard, limit=10_000, detail=True, raise_on_missing_output=False)
+    return {a.actor_id: names.get(a.node_id, "gone") for a in actors
+            if any(c in (a.class_name or "") for c in class_names) and (a.state == "ALIVE" or not alive_only)}
+
+
+def _wait_for(predicate, timeout_s: float, what: str, log_path: Path | None = None, poll_s: float = 0.5):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    tail = log_path.read_text()[-3000:] if log_path is not None and log_path.exists() else ""
+    raise AssertionError(f"timed out waiting for {what}\n{tail}")
+
+
+def _scorer_actor_nodes(cluster) -> dict[str, str]:
+    return _actor_nodes(cluster, ("MapWorker",), alive_only=False)
+
+
+def _read_ids(out: Path) -> list[str]:
+    ids: list[str] = []
+    for shard in sorted(out.glob("shard-*.parquet")):
+        ids += pq.read_table(shard, columns=["id"]).column("id").to_pylist()
+    return ids
+
+
+def test_scoring_actors_spread_across_worker_nodes(loopback_cluster, tmp_path):
+    tasks = _tasks(tmp_path / "tasks.jsonl", 16)
+    proc = _submit_score(loopback_cluster, tasks, tmp_path / "scored", tmp_path / "run", ["shard_rows=4"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    placement = _scorer_actor_nodes(loopback_cluster)
+    assert len(placement) >= 2, placement
+    assert set(placement.values()) == {"worker1", "worker2"}, placement  # both workers, never the 1-CPU head
+
+
+def test_scoring_survives_a_worker_node_dying(loopback_cluster, tmp_path):
+    tasks = _tasks(tmp_path / "tasks.jsonl", 64)
+    out = tmp_path / "scored"
+    run_dir = tmp_path / "run"
+    submission_id = _submit_score(loopback_cluster, tasks, out, run_dir, ["shard_rows=4"], wait=False)
+
+    # Kill worker1 once scoring is under way (a first shard is on disk), like a machine lost mid-stage.
+    _wait_for(lambda: list(out.glob("shard-*.parquet")), 600, "a first scored shard")
+    loopback_cluster.kill_node("worker1")
+    replacement = loopback_cluster.add_worker(2)  # capacity comes back, as an autoscaler would bring it
+
+    status = _follow(loopback_cluster, submission_id, tmp_path / "job.log")
+    assert status == "SUCCEEDED", (tmp_path / "job.log").read_text()[-4000:]
+
+    entry = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()][-1]
+    ids = _read_ids(out)
+    assert len(ids) == len(set(ids)), "a row was written twice"
+    assert entry["rows_in"] == 64
+    assert len(ids) + entry["rows_quarantined"] == 64, entry  # no row lost to the dead node
+    assert replacement in loopback_cluster.node_names_by_id().values()
+
+
+# --- Train: FSDP workers on two nodes, one node lost mid-run -----------------------------------------
+
+TRAIN_STEPS = 6
+
+
+def _checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train has written under the run's storage (step_000002, ...)."""
+    return sorted(int(p.name.split("_")[1]) for p in (run_dir / "ray_train").glob("*/step_*") if p.is_dir())
+
+
+def _job_logs(cluster, submission_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(cluster.dashboard).get_job_logs(submission_id)[-4000:]
+    except Exception as err:  # noqa: BLE001 - only for a failure message
+        return f"(job logs unavailable: {err})"
+
+
+def test_training_spreads_over_nodes_and_resumes_from_the_last_checkpoint_after_a_node_dies(
+    loopback_cluster, default_model_path, tmp_path
+):
+    from test_finetune_fsdp import write_rows as write_train_rows
+
+    data = write_train_rows(tmp_path / "train.jsonl", 12)
+    run_dir = tmp_path / "run"
+    sets = [f"model={default_model_path}", f"data_path={data}", "method=lora", "lora_rank=4", "lora_alpha=8",
+            "compute_dtype=float32", "cpu_threads=1", "batch_size=2", "seq_len=48", "eval_rows=0",
+            "learning_rate=0.001", f"max_steps={TRAIN_STEPS}", "checkpoint_every=1", "max_failures=3",
+            "num_workers=2", "placement_strategy=SPREAD"]
+    submission_id = _submit(loopback_cluster, "finetune", "jobs/configs/finetune.yaml", run_dir, sets, wait=False)
+
+    # Both workers up and a checkpoint past step 1 on disk: then lose a node that holds a worker.
+    try:
+        _wait_for(lambda: len(_checkpoint_steps(run_dir)) >= 2, 600, "two checkpoints")
+    except AssertionError:
+        raise AssertionError("no checkpoints in time:\n" + _job_logs(loopback_cluster, submission_id)) from None
+    placement = _actor_nodes(loopback_cluster, ("RayTrainWorker",))
+    # The latest checkpoint directory may still be being written; the one before it is complete.
+    committed = _checkpoint_steps(run_dir)[-2]
+    print("\ntrain workers on:", placement, "checkpoints:", _checkpoint_steps(run_dir))
+    assert len(placement) == 2 and len(set(placement.values())) == 2, placement  # one worker per node
+    victim = min(n for n in placement.values() if n != "head")
+    loopback_cluster.kill_node(victim)
+    loopback_cluster.add_worker(2)
+
+    status = _follow(loopback_cluster, submission_id, tmp_path / "job.log")
+    assert status == "SUCCEEDED", (tmp_path / "job.log").read_text()[-4000:]
+
+    records = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    attempts = list(dict.fromkeys(r["attempt"] for r in records))
+    by_attempt = {a: [r["step"] for r in records if r["attempt"] == a] for a in attempts}
+    print("steps per attempt:", by_attempt)
+    assert len(attempts) >= 2, by_attempt  # the node loss restarted the worker group
+    last = by_attempt[attempts[-1]]
+    assert last == list(range(last[0], TRAIN_STEPS + 1)), by_attempt  # the last attempt ran to the end
+    resumed_after = last[0] - 1  # the checkpoint the last attempt loaded
+    assert resumed_after >= committed >= 1, (by_attempt, committed)  # not from scratch: from the last checkpoint
+    counts = {s: sum(1 for r in records if r["step"] == s) for s in range(1, TRAIN_STEPS + 1)}
+    assert all(counts[s] == 1 for s in range(1, resumed_after + 1)), counts  # nothing before it ran twice
+    assert all(counts[s] >= 1 for s in counts), counts
+
+    (entry,) = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()
+                if json.loads(line)["stage"] == "finetune"]
+    assert entry["steps"] == TRAIN_STEPS and entry["restarts"] == len(attempts) - 1
+    assert entry["repeated_steps"] == sum(counts.values()) - TRAIN_STEPS  # lost steps are charged, once
+    lost = [n for n in _actor_nodes(loopback_cluster, ("RayTrainWorker",), alive_only=False).values() if n == "gone"]
+    assert lost, "no train worker ran on the killed node"
+
+
+# --- Tune: trials on three nodes' CPUs, one node lost mid-sweep, the FLOP cap holds --------------------
+
+TRIALS, TRIAL_STEPS = 3, 4
+
+
+def test_a_sweep_that_loses_a_node_finishes_within_its_flop_cap(loopback_cluster, default_model_path, tmp_path):
+    from test_sweep_restore import write_sum_rows
+
+    from frugalray.config import load_config
+    from frugalray.tune.budget import FlopReservations, read_journal
+    from frugalray.tune.sweep import STATE_FILE, SweepConfig, preflight_sweep, trial_cost_bounds
+
+    rows = write_sum_rows(tmp_path / "train.jsonl", 12)
+    sets = [f"finetune.model={default_model_path}", f"finetune.data_path={rows}", "finetune.method=lora",
+            "finetune.lora_rank=4", "finetune.batch_size=2", "finetune.seq_len=48", "finetune.eval_rows=2",
+            "finetune.cpu_threads=1", "finetune.compute_dtype=float32",
+            "search_space={learning_rate: [0.003, 0.0003, 0.00001]}", "flop_caps=null", "steps_per_report=1",
+            f"max_steps_per_trial={TRIAL_STEPS}", f"max_concurrent_trials={TRIALS}", "scheduler=fifo"]
+    # The cap pays for the 12 chunk upper bounds the trials want (and a bit): a trial that dies
+    # must neither push the sweep over it nor free its hold for others.
+    probe = load_config(SweepConfig, REPO / "jobs" / "configs" / "sweep.yaml", sets + ["flop_cap=1.0e+18"])
+    data, shape, _ = preflight_sweep(probe)
+    step, evaluation = trial_cost_bounds(probe.finetune, shape, len(data.eval_rows))
+    cap = (TRIALS * TRIAL_STEPS + 0.5) * (step + evaluation)
+    run_dir = tmp_path / "run"
+    submission_id = _submit(loopback_cluster, "sweep", "jobs/configs/sweep.yaml", run_dir,
+                            sets + [f"flop_cap={cap!r}"], wait=False)
+
+    trial_classes = ("ImplicitFunc", "sweep_trial")
+
+    def every_live_trial_mid_chunk():
+        """The alive trials' nodes, once every alive trial has settled a chunk and has more to run.
+
+        A trial reserves its next chunk right after it settles one, so each of them then holds FLOPs.
+        (Tune's own result files reach the run dir only when it syncs, so progress is read from the
+        budget journal, which is written before each answer; trial ids come from its settle tags.)
+        """
+        if not (run_dir / STATE_FILE).exists():
+            return None
+        journal = run_dir / json.loads((run_dir / STATE_FILE).read_text())["journal"]
+        settles: dict[str, int] = {}
+        for e in read_journal(journal):
+            if e["op"] == "settle":
+                trial_id = e["tag"].rsplit(":", 1)[0]
+                settles[trial_id] = settles.get(trial_id, 0) + 1
+        running = [t for t, n in settles.items() if n < TRIAL_STEPS]
+        alive = list(_actor_nodes(loopback_cluster, trial_classes).values())
+        if alive and len(running) == len(alive) and any(n != "head" for n in alive):
+            return alive, settles
+        return None
+
+    try:
+        alive, settles = _wait_for(every_live_trial_mid_chunk, 600, "every live trial mid-run")
+    except AssertionError:
+        raise AssertionError("no trial mid-run in time:\n" + _job_logs(loopback_cluster, submission_id)) from None
+    on_workers = [n for n in alive if n != "head"]
+    victim = max(set(on_workers), key=on_workers.count)
+    killed_trials = on_workers.count(victim)
+    print("\ntrials alive on:", alive, "chunks settled:", settles, "killing", victim)
+    loopback_cluster.kill_node(victim)
+    loopback_cluster.add_worker(2)
+
+    status = _follow(loopback_cluster, submission_id, tmp_path / "job.log")
+    job_log = (tmp_path / "job.log").read_text()
+    assert status == "SUCCEEDED", job_log[-4000:]
+    print(job_log[-1500:])
+
+    # Tune placed the 3 one-CPU trials at once (max_concurrent_trials=3): no node has 3 CPUs (1 CPU head,
+    # 2 CPU workers), so they ran on at least two nodes. Every trial actor counts, dead ones included.
+    from ray.util.state import list_actors
+
+    trial_node_ids = {a.node_id for a in list_actors(address=loopback_cluster.dashboard, limit=10_000, detail=True,
+                                                     raise_on_missing_output=False)
+                      if any(c in (a.class_name or "") for c in trial_classes)}
+    assert len(trial_node_ids) >= 2, trial_node_ids
+
+    state = json.loads((run_dir / STATE_FILE).read_text())
+    events = read_journal(run_dir / state["journal"])
+    # Replay the journal: at no moment did open holds plus settled spend pass the cap.
+    pot = FlopReservations(cap)
+    for e in events:
+        if e["op"] == "reserve":
+            pot.reserved += e["flops"]
+        elif e["op"] == "settle":
+            pot.settle(e["reserved"], e["spent"])
+        assert pot.reserved <= cap * (1 + 1e-9), (e, pot.snapshot())
+    open_holds = pot.reserved - pot.spent  # chunks of trials that died with their node
+    (entry,) = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()
+                if json.loads(line)["stage"] == "sweep"]
+    print("ledger:", {k: entry[k] for k in ("flops", "flop_cap", "trials", "trials_failed", "trials_stopped_by_cap")},
+          "open holds:", open_holds)
+    assert entry["trials"] == TRIALS
+    assert 1 <= entry["trials_failed"] <= killed_trials, (entry, killed_trials)  # only the dead node's trials
+    assert entry["flops"] == pytest.approx(pot.spent)
+    assert entry["flops"] + open_holds <= cap * (1 + 1e-9)  # lost chunks stay charged against the cap
+    assert open_holds > 0  # a trial killed mid-chunk left its hold open: never handed back for reuse
+    assert entry["flops_held_open"] == pytest.approx(open_holds)  # and the ledger says so
+    histories = json.loads((run_dir / "histories.json").read_text())
+    finished = [h for h in histories if h["step"] and h["step"][-1] == TRIAL_STEPS]
+    assert len(finished) + entry["trials_failed"] + entry["trials_stopped_by_cap"] >= TRIALS, histories

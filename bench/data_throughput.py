@@ -54,8 +54,12 @@ def tokenized(model_path: str, rows: list[dict], max_length: int) -> list[dict]:
     return [tokenize_example(tok, r["prompt"], r["response"], max_length) for r in rows]
 
 
-def matmul_rate(dtype_name: str, seconds: float = 2.0) -> float:
-    """FLOP/s of a model-shaped matmul (1024 tokens x d_model 576 -> d_ff 1536) on every core."""
+def matmul_rate(dtype_name: str, seconds: float = 2.0, windows: int = 8) -> float:
+    """Peak FLOP/s of a model-shaped matmul (1024 tokens x d_model 576 -> d_ff 1536) on every core.
+
+    The best of several short windows: a limit is what the machine can do, and on a shared box
+    one long average read while another job ran made scoring look faster than the "limit".
+    """
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -63,11 +67,14 @@ def matmul_rate(dtype_name: str, seconds: float = 2.0) -> float:
     a, b = torch.randn(1024, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
     torch.matmul(a, b)  # warm-up
     flops_each = 2.0 * 1024 * 576 * 1536
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or done < 2:
-        torch.matmul(a, b)
-        done += 1
-    return done * flops_each / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(windows):
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / windows or done < 2:
+            torch.matmul(a, b)
+            done += 1
+        best = max(best, done * flops_each / (time.perf_counter() - start))
+    return best
 
 
 def naive(model_path: str, rows: list[dict], max_length: int, batch_size: int) -> dict:

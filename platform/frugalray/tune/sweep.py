@@ -327,12 +327,18 @@ def sweep_trial(
         if steps >= max_steps or stopped_by_cap:
             tune.report(result)
             return
-        wanted = min(steps_per_report, max_steps - steps)
-        granted = ray.get(budget.reserve_steps.remote(step_bound, wanted, eval_bound))
-        if granted == 0:
+        # Report before reserving the next chunk: a scheduler that stops or pauses the trial at this
+        # report ends it there, and a hold taken first would stay charged against the cap, unspent.
+        # The probe only labels the report; the reservation after it is what the cap enforces.
+        if ray.get(budget.remaining.remote()) < step_bound + eval_bound:
             tune.report({**result, "stopped_by_cap": True})
             return
         tune.report(result)
+        wanted = min(steps_per_report, max_steps - steps)
+        granted = ray.get(budget.reserve_steps.remote(step_bound, wanted, eval_bound))
+        if granted == 0:  # another trial took the rest since the probe: say so in one more report
+            tune.report({**result, "stopped_by_cap": True})
+            return
 
 
 def _finite(x: Any) -> float | None:
@@ -587,6 +593,9 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path, ledger=None, resume: bool =
             trials=len(trials),
             trials_stopped_by_cap=sum(t.stopped_by_cap for t in trials),
             trials_failed=sum(t.error is not None for t in trials),
+            # Holds never settled (a trial that died with its node mid-chunk): they stayed charged
+            # against the cap, but their real cost is unknown and not in `flops`.
+            flops_held_open=max(0.0, float(totals["reserved"] - totals["spent"])),
         )
     log.info(
         "sweep done: best %s=%s with %s; spent %.4g of %.4g FLOPs (%d/%d trials stopped by the cap)",

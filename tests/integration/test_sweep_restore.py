@@ -133,6 +133,10 @@ def test_asha_and_marginal_sweeps_stay_under_the_cap_and_report_a_ladder(
 
     assert all(t.error is None for t in result.trials), [t.error for t in result.trials]
     assert 0 < result.flops_spent <= cap
+    # No trial died, so every hold was settled, including those of trials the scheduler stopped:
+    # a hold left open would be cap that no trial could ever use.
+    (entry,) = [e for e in ComputeLedger(tmp_path / "run").entries() if e["stage"] == "sweep"]
+    assert entry["flops_held_open"] == pytest.approx(0.0, abs=1e-6 * cap), entry
     assert result.best_metric is not None and math.isfinite(result.best_metric)
     ladder = result.ladder
     assert [r.cap for r in ladder.rungs] == sorted(cfg.flop_caps)

@@ -31,6 +31,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _session_pids(session_id: int) -> list[int]:
+    """Processes in one session (Linux /proc; elsewhere none, and kill_node falls back to the process group)."""
+    pids = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == session_id:
+                    pids.append(int(entry))
+            except OSError:  # gone, or not ours to ask about
+                pass
+    return pids
+
+
 def _agent_ports() -> list[str]:
     # Ray's fixed default agent ports collide between nodes on one machine; give each node its own.
     return [
@@ -131,13 +144,25 @@ class LoopbackCluster:
         return LoopbackNode(name, cpus, proc, resources)
 
     def kill_node(self, name: str) -> None:
-        """SIGKILL a whole node (its `ray start` session: raylet, object store, workers): a lost machine."""
+        """SIGKILL a whole node (its `ray start` session: raylet, object store, workers): a lost machine.
+
+        Ray starts each worker process in a process group of its own, so killing the node's group alone
+        leaves its workers running until they notice the raylet is gone (a Serve replica answered a
+        request after its node was "killed"). Every process of the node's session goes at once.
+        """
         node = self.nodes[name]
         if name == "head":
             raise ValueError("kill_node: the head holds the GCS; kill a worker node")
         os.killpg(node.process.pid, signal.SIGKILL)
+        killed = 0
+        for pid in _session_pids(node.process.pid):  # start_new_session: the session id is the pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
         node.process.wait(timeout=30)
-        log.info("killed node %s", name)
+        log.info("killed node %s (and %d other processes of its session)", name, killed)
 
     def stop(self) -> None:
         for name in [n for n in self.nodes if n != "head"] + ["head"]:

@@ -8,10 +8,11 @@ joins (as an autoscaler would bring one). Per stage:
   restarts from the last checkpoint (no step before it runs twice) and the run ends at max_steps.
 - sweep: 3 concurrent trials span nodes; the trial on the killed node errors, its open FLOP hold
   stays charged against the cap (never reused), the others finish, the cap is never exceeded.
-Serve (replica placement and replacement) is not covered here: a vLLM replica takes about a minute
-to start on these machines, and two plus a replacement would double this module's time.
+- serve: the vLLM engine replica and the ingress replica sit on different nodes; after the engine's
+  node dies, Serve starts a replacement on the new node and requests succeed again.
 
-One 3-node cluster serves the whole module (about 9 minutes on 2 busy cores).
+One 3-node cluster serves the whole module (about 9 minutes on 2 busy cores, plus 5-10 for Serve:
+a vLLM engine starts twice).
 
 The session's shared `ray_cluster` is a different cluster: this module drives its own through the
 job server only, so the pytest process stays a driver of one cluster.
@@ -184,7 +185,12 @@ def test_training_spreads_over_nodes_and_resumes_from_the_last_checkpoint_after_
         _wait_for(lambda: len(_checkpoint_steps(run_dir)) >= 2, 600, "two checkpoints")
     except AssertionError:
         raise AssertionError("no checkpoints in time:\n" + _job_logs(loopback_cluster, submission_id)) from None
-    placement = _actor_nodes(loopback_cluster, ("RayTrainWorker",))
+    # Asked again until both workers are listed: a busy state API can answer with a partial list.
+    def both_workers():
+        listed = _actor_nodes(loopback_cluster, ("RayTrainWorker",))
+        return listed if len(listed) >= 2 else None
+
+    placement = _wait_for(both_workers, 120, "both train workers listed alive")
     # The latest checkpoint directory may still be being written; the one before it is complete.
     committed = _checkpoint_steps(run_dir)[-2]
     print("\ntrain workers on:", placement, "checkpoints:", _checkpoint_steps(run_dir))
@@ -317,3 +323,146 @@ def test_a_sweep_that_loses_a_node_finishes_within_its_flop_cap(loopback_cluster
     histories = json.loads((run_dir / "histories.json").read_text())
     finished = [h for h in histories if h["step"] and h["step"][-1] == TRIAL_STEPS]
     assert len(finished) + entry["trials_failed"] + entry["trials_stopped_by_cap"] >= TRIALS, histories
+
+
+# --- Serve: an engine replica and the ingress on different nodes; the engine's node dies ---------------
+
+SERVE_APP = "frugalray-multinode"
+
+
+def _serve_replicas(cluster, alive_only: bool = True) -> dict[str, tuple[str, str]]:
+    """actor id -> (deployment, node name) of this app's Serve replicas (class ServeReplica:<app>:<deployment>)."""
+    from ray.util.state import list_actors
+
+    names = cluster.node_names_by_id()
+    actors = list_actors(address=cluster.dashboard, limit=10_000, detail=True, raise_on_missing_output=False)
+    prefix = f"ServeReplica:{SERVE_APP}:"
+    return {a.actor_id: ((a.class_name or "")[len(prefix):], names.get(a.node_id, "gone")) for a in actors
+            if (a.class_name or "").startswith(prefix) and (a.state == "ALIVE" or not alive_only)}
+
+
+def _serve_app_status(cluster) -> dict:
+    """Serve's own view (the dashboard's REST API): app status and each deployment's replica states."""
+    import httpx
+
+    try:
+        apps = httpx.get(f"{cluster.dashboard}/api/serve/applications/", timeout=30).json()["applications"]
+    except Exception as err:  # noqa: BLE001 - the dashboard can be busy; the caller asks again
+        return {"status": f"unavailable ({type(err).__name__})", "deployments": {}}
+    app = apps.get(SERVE_APP) or {}
+    return {"status": app.get("status"),
+            "deployments": {name: (d.get("status"), sorted(r.get("state") for r in d.get("replicas") or []))
+                            for name, d in (app.get("deployments") or {}).items()}}
+
+
+def _chat(base_url: str, timeout: float) -> str:
+    """One tiny chat request; "200" when it answered with content, else the status code or error class."""
+    import httpx
+
+    try:
+        resp = httpx.post(f"{base_url}/v1/chat/completions", timeout=timeout,
+                          json={"model": "smollm2-135m-instruct", "max_tokens": 2, "temperature": 0,
+                                "messages": [{"role": "user", "content": "What is 3 + 4?"}]})
+    except httpx.HTTPError as err:
+        return type(err).__name__
+    if resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"]:
+        return "200"
+    return str(resp.status_code)
+
+
+def test_serve_replicas_spread_over_nodes_and_the_engine_is_replaced_after_its_node_dies(
+    loopback_cluster, default_model_path, tmp_path
+):
+    """Deploy the frugalray app as a Ray Job (it outlives the job), lose the engine's node, get it back.
+
+    The engine replica asks for 2 CPUs (Ray Serve LLM merges the replica actor's CPU into the engine's
+    `engine_cpus=1` bundle): only a worker node has them, and it then has none left for the 0.25-CPU
+    ingress, so the two replicas sit on different nodes by construction.
+    Serve's HTTP proxy runs on the head only (as serve/config.yaml says): with the default
+    EveryNode, each node holding a replica would start a proxy on the same loopback port.
+    """
+    from frugalray.local_cluster import free_port
+    from frugalray.submit import SubmitPlan, submit
+
+    cluster = loopback_cluster
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    sets = [f"model={default_model_path}", f"app_name={SERVE_APP}", f"http_port={port}", "engine_cpus=1",
+            "max_model_len=512", "max_tokens_ceiling=64", "default_max_tokens=16", "kv_cache_gib=1"]
+    entrypoint = (f"cd {REPO} && serve start --proxy-location HeadOnly --http-host 127.0.0.1 --http-port {port} && "
+                  "python jobs/serve.py --config serve/config.yaml " + " ".join(f"--set {s}" for s in sets))
+    plan = SubmitPlan("serve", entrypoint, {"env_vars": {"PYTHONPATH": "platform", "HF_HUB_OFFLINE": "1",
+                                                         "TOKENIZERS_PARALLELISM": "false"}}, cluster.dashboard)
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        start = time.time()
+        submission_id, _ = submit(plan, wait=False)
+        jobs = JobSubmissionClient(cluster.dashboard)
+        # The job returns once the engine answers; a replica that cannot be placed would keep it waiting.
+        try:
+            status = _wait_for(lambda: (s := str(getattr(jobs.get_job_status(submission_id), "value", "")))
+                               in ("SUCCEEDED", "FAILED", "STOPPED") and s, 480, "the serve job", poll_s=2)
+        except AssertionError:
+            logs = _job_logs(cluster, submission_id)
+            jobs.stop_job(submission_id)
+            raise AssertionError("serve job did not finish in time:\n" + logs) from None
+        assert status == "SUCCEEDED", _job_logs(cluster, submission_id)
+        deploy_s = time.time() - start
+
+        # Placement, from Ray's state API: the engine on a worker node, the ingress elsewhere.
+        replicas = _serve_replicas(cluster)
+        engines = {a: node for a, (dep, node) in replicas.items() if not dep.endswith("-ingress")}
+        ingresses = {a: node for a, (dep, node) in replicas.items() if dep.endswith("-ingress")}
+        print(f"\nserve app up in {deploy_s:.0f}s; replicas: {replicas}")
+        assert len(engines) == 1 and len(ingresses) == 1, replicas
+        ((engine_id, victim),) = engines.items()
+        assert victim.startswith("worker"), replicas
+        assert len({node for _, node in replicas.values()}) >= 2, replicas
+        assert _chat(base_url, timeout=120) == "200"  # the job exited; the app keeps answering
+
+        # Lose the engine's node; a replacement node brings the 2 CPUs back (as an autoscaler would).
+        loopback_cluster.kill_node(victim)
+        killed_at = time.time()
+        outage: list[tuple[float, str]] = []
+        outage.append((0.0, _chat(base_url, timeout=15)))  # what a client sees right after the loss
+        replacement = cluster.add_worker(2)
+        joined_s = time.time() - killed_at
+
+        deadline = killed_at + 420
+        while time.time() < deadline:
+            outcome = _chat(base_url, timeout=15)
+            outage.append((round(time.time() - killed_at, 1), outcome))
+            if outcome == "200":
+                break
+            time.sleep(2)
+        recovered_s = time.time() - killed_at
+        seen = {}
+        for t, outcome in outage:
+            seen.setdefault(outcome, []).append(t)
+        print(f"killed {victim} (engine replica {engine_id}); {replacement} joined after {joined_s:.0f}s; "
+              f"answers again after {recovered_s:.0f}s; client outcomes (seconds after the kill): {seen}")
+        assert outage[-1][1] == "200", f"no answer within {deadline - killed_at:.0f}s of the kill: {seen}"
+        assert outage[0][1] != "200"  # the loss was visible: the dead node's engine did not answer
+
+        # Serve replaced the engine replica on a live node; the dead one is recorded on the dead node.
+        after = _serve_replicas(cluster, alive_only=False)
+        new_engines = {a: node for a, (dep, node) in after.items()
+                       if not dep.endswith("-ingress") and a != engine_id and node != "gone"}
+        print("replicas after:", after, "serve status:", _serve_app_status(cluster))
+        assert after[engine_id][1] == "gone", after
+        assert new_engines and all(node != victim for node in new_engines.values()), after
+        status_now = _wait_for(lambda: (s := _serve_app_status(cluster))["status"] == "RUNNING" and s, 120,
+                               "Serve to report the app RUNNING")
+        assert len(status_now["deployments"]) == 2, status_now
+        assert all(health == "HEALTHY" and states == ["RUNNING"]
+                   for health, states in status_now["deployments"].values()), status_now
+    finally:
+        # Serve (controller, proxy and the app) goes, so the module's later tests get the CPUs back.
+        import httpx
+
+        try:
+            httpx.delete(f"{cluster.dashboard}/api/serve/applications/", timeout=120)
+            _wait_for(lambda: not _serve_replicas(cluster), 120, "the Serve replicas to stop")
+        except Exception as err:  # noqa: BLE001 - best effort; the module's cluster is torn down anyway
+            print(f"serve teardown: {err}")

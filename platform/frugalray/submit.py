@@ -71,12 +71,20 @@ def extra_requirements(extra: str, pyproject: Path = REPO_ROOT / "pyproject.toml
     return list(extras[extra])
 
 
+def _looks_secret(name: str) -> bool:
+    """HF_TOKEN, OPENAI_API_KEY, DB_PASSWORD, APIKEY: a word of the name ends with a marker.
+
+    Matched per word, not anywhere in the name, so TOKENIZERS_PARALLELISM stays readable.
+    """
+    return any(word.endswith((m, m + "S")) for word in name.upper().split("_") for m in SECRET_MARKERS)
+
+
 def redact(runtime_env: dict[str, Any]) -> dict[str, Any]:
     """A copy safe to log: env var values whose names look secret are replaced."""
     shown = dict(runtime_env)
     env = shown.get("env_vars")
     if env:
-        shown["env_vars"] = {k: ("***" if any(m in k.upper() for m in SECRET_MARKERS) else v) for k, v in env.items()}
+        shown["env_vars"] = {k: ("***" if _looks_secret(k) else v) for k, v in env.items()}
     return shown
 
 

@@ -78,3 +78,11 @@ def test_addresses(monkeypatch):
     assert job_server_address("http://h:1") == "http://h:1"
     assert is_loopback("127.0.0.1:6379") and is_loopback("http://localhost:8265")
     assert not is_loopback("http://10.1.2.3:8265")
+
+
+def test_redaction_matches_secret_words_not_substrings():
+    shown = redact({"env_vars": {"OPENAI_API_KEY": "sk-1", "AWS_SECRET_ACCESS_KEY": "a", "DB_PASSWORD": "p",
+                                 "GITHUBTOKEN": "g", "TOKENIZERS_PARALLELISM": "false", "KEYBOARD_LAYOUT": "us"}})
+    env = shown["env_vars"]
+    assert env["OPENAI_API_KEY"] == env["AWS_SECRET_ACCESS_KEY"] == env["DB_PASSWORD"] == env["GITHUBTOKEN"] == "***"
+    assert env["TOKENIZERS_PARALLELISM"] == "false" and env["KEYBOARD_LAYOUT"] == "us"

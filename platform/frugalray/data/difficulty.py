@@ -58,13 +58,13 @@ def difficulty_bucket(pass_rate: float, easy_at: float = 0.75, hard_at: float = 
 
 
 def pass_rate_of(samples: list[str], answer) -> float:
-    """Fraction of `samples` whose extracted answer equals `answer`; NaN without an answer."""
-    from frugalray.data.generate import extract_answer
+    """Fraction of `samples` that state `answer` (the verifier's check, `signals.answer_correct`); NaN without one."""
+    from frugalray.data.signals import answer_correct
 
-    if answer is None or str(answer).strip() == "" or not samples:
+    verdicts = [answer_correct(s, answer) for s in samples]
+    if not verdicts or verdicts[0] is None:
         return math.nan
-    expected = extract_answer(str(answer)) or str(answer).strip()
-    return sum(1 for s in samples if extract_answer(s) == expected) / len(samples)
+    return sum(verdicts) / len(verdicts)
 
 
 class PassRateScorer:

@@ -16,8 +16,8 @@ Verifier (`answer_correct`), for verifiable tasks with a reference answer: 1.0 w
 answer stated in the response (`generate.extract_answer`: "11", "The answer is 11.",
 "2 + 9 = 11" all state 11) equals the reference's, 0.0 when it differs or none is stated,
 None when the row has no reference (null, empty or NaN). A reference with no number in it
-("Paris") must equal the whole response up to case, spacing and sentence punctuation. The same check as the pass-rate
-scorer applies to sampled completions (`difficulty.pass_rate_of`), here on the row's own response.
+("Paris") must equal the whole response up to case, spacing and sentence punctuation. The
+pass-rate scorer (`difficulty.pass_rate_of`) applies this same check to sampled completions.
 
 Duplicates (`duplicate_clusters`): rows whose normalized text (NFKC, lower case, words and
 symbols, no sentence punctuation or spacing)
@@ -43,7 +43,6 @@ _TOKEN = re.compile(r"\w+|[^\w\s.,;:!?'\"()\[\]-]|(?<=\s)-(?=\s*\d)")
 _SENTENCE_PUNCT = set(".,;:!?'\"()-[]/%$+=*<>")
 _VOWELS = set("aeiouyAEIOUY")
 
-VERIFIER_COLUMNS = ("answer_correct",)
 HEURISTIC_COLUMNS = ("prompt_chars", "response_chars", "garbage_ratio", "repetition_ratio", "degenerate_reason")
 DEDUP_COLUMNS = ("dup_hash", "dup_cluster", "dup_cluster_size", "dup_kind")
 

@@ -6,7 +6,11 @@
 One local Ray cluster (8 logical CPUs), one frugalray Serve app (SmolLM2-135M-Instruct on
 vLLM-CPU), the official `openai` client. Per prompt:
 
-1. POOL: one plain request with n=16, no seed, T=0.7, logprobs on. The server answers
+Every prompt runs at each sampling temperature (0.7; the full run adds 0.3, where a 135M model's
+answers are concentrated enough for any stopping rule to have something to stop on), and each
+temperature is its own table group with its own SC@k baseline.
+
+1. POOL: one plain request with n=16, no seed, at the temperature, logprobs on. The server answers
    self_consistency with max_samples=k by exactly this (one n=k request, majority vote with
    `frugalray.serve.budget.majority_vote`), so fixed self-consistency SC@1/4/8/16 is the vote
    over the first k pooled samples, and its FLOPs are `request_flops` of those samples with one
@@ -42,6 +46,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -58,7 +63,6 @@ GSM8K_PATH = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 MODEL_NAME = "smollm2-135m-instruct"
 POOL_SIZE = 16
 SC_KS = (1, 4, 8, 16)
-TEMPERATURE = 0.7
 PRIMARY = "adaptive_consistency@0.95/r2"
 # The server's default deadline (request_timeout_s, 300 s) is for interactive clients; on a loaded
 # 2-core machine a 16-sample adaptive request can need longer, and a benchmark wants its answer.
@@ -194,6 +198,15 @@ def interleave(main: list[dict[str, Any]], extra: list[dict[str, Any]]) -> list[
             out.append(rest.pop(0))
         out.append(row)
     return out + rest
+
+
+def at_temperatures(rows: list[dict[str, Any]], temperatures: list[float]) -> list[dict[str, Any]]:
+    """Each row once per sampling temperature, temperatures alternating (a run cut short keeps all of them).
+
+    `task` keeps the generator's dataset name; `dataset` becomes the table's group, e.g. `arithmetic@T0.7`.
+    """
+    return [dict(row, task=row["dataset"], dataset=f"{row['dataset']}@T{t:g}", temperature=t)
+            for row in rows for t in temperatures]
 
 
 def gsm8k_rows(n: int, seed: int = 2024, path: Path = GSM8K_PATH) -> list[dict[str, Any]]:
@@ -335,11 +348,11 @@ def by_difficulty(records: list[dict[str, Any]], methods: list[str]) -> list[dic
 # --- talking to the server ---------------------------------------------------------------
 
 
-def pooled_request(client, prompt: str, max_tokens: int) -> dict[str, Any]:
+def pooled_request(client, prompt: str, max_tokens: int, temperature: float) -> dict[str, Any]:
     """n=16 samples in one request (no seed): the pool every fixed-k SC is computed from."""
     resp = client.chat.completions.create(
         model=MODEL_NAME, messages=[{"role": "user", "content": prompt}], n=POOL_SIZE,
-        max_tokens=max_tokens, temperature=TEMPERATURE, logprobs=True,
+        max_tokens=max_tokens, temperature=temperature, logprobs=True,
     ).model_dump()
     choices = sorted(resp["choices"], key=lambda c: c["index"])
     samples = samples_from_choices(choices, [resp["usage"]["completion_tokens"]], "number")
@@ -348,10 +361,11 @@ def pooled_request(client, prompt: str, max_tokens: int) -> dict[str, Any]:
             "prompt_tokens": resp["usage"]["prompt_tokens"], "server_flops": resp["usage"].get("flops")}
 
 
-def budgeted_request(client, prompt: str, max_tokens: int, budget: dict[str, Any]) -> dict[str, Any]:
+def budgeted_request(client, prompt: str, max_tokens: int, temperature: float, budget: dict[str, Any]
+                     ) -> dict[str, Any]:
     resp = client.chat.completions.create(
         model=MODEL_NAME, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-        temperature=TEMPERATURE, extra_body={"compute_budget": {"answer_extractor": "number", **budget}},
+        temperature=temperature, extra_body={"compute_budget": {"answer_extractor": "number", **budget}},
     ).model_dump()
     usage = resp["usage"]
     text = resp["choices"][0]["message"]["content"]
@@ -373,8 +387,8 @@ def prompt_jobs(row: dict[str, Any], server_configs: list[tuple[str, float, int]
 
 def run_job(client, row: dict[str, Any], max_tokens: int, name: str, budget: dict | None) -> dict[str, Any]:
     if budget is None:
-        return pooled_request(client, row["prompt"], max_tokens)
-    return budgeted_request(client, row["prompt"], max_tokens, budget)
+        return pooled_request(client, row["prompt"], max_tokens, row["temperature"])
+    return budgeted_request(client, row["prompt"], max_tokens, row["temperature"], budget)
 
 
 def run_all(client, rows: list[dict[str, Any]], server_configs: list[tuple[str, float, int]],
@@ -401,7 +415,7 @@ def run_all(client, rows: list[dict[str, Any]], server_configs: list[tuple[str, 
             # keep the engine fed: start the next prompt while fewer jobs than workers are in flight
             while queue and len(pending) < args.concurrency and time.time() < deadline:
                 i, row = queue.pop(0)
-                tokens = args.arith_tokens if row["dataset"] == "arithmetic" else args.gsm8k_tokens
+                tokens = args.arith_tokens if row["task"] == "arithmetic" else args.gsm8k_tokens
                 rec = dict(row, max_tokens=tokens, methods={})
                 jobs = prompt_jobs(rec, server_configs)
                 open_jobs[i] = len(jobs)
@@ -514,12 +528,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sim_configs += [("auto", c, 2) for c in (0.8, 0.9, 0.95, 0.99)]
     model_path = resolve_model(DEFAULT_MODEL)
     shape = model_shape(model_path)
-    rows = interleave(arithmetic_rows(n_arith, args.digits, operations=tuple(args.operations)), gsm8k_rows(n_gsm))
+    temperatures = args.temperatures or ([0.7] if quick else [0.7, 0.3])
+    rows = at_temperatures(
+        interleave(arithmetic_rows(n_arith, args.digits, operations=tuple(args.operations)), gsm8k_rows(n_gsm)),
+        temperatures)
     config = {
         "quick": quick, "model": MODEL_NAME, "engine": "vLLM-CPU via Ray Serve LLM, frugalray ingress",
-        "n_arithmetic": n_arith, "digits": args.digits, "operations": args.operations, "n_gsm8k": n_gsm, "temperature": TEMPERATURE,
+        "n_arithmetic": n_arith, "digits": args.digits, "operations": args.operations, "n_gsm8k": n_gsm, "temperatures": temperatures,
         "max_tokens": {"arithmetic": args.arith_tokens, "gsm8k": args.gsm8k_tokens}, "pool_size": POOL_SIZE,
         "server_configs": [method_name(*c) for c in server_configs], "primary": PRIMARY,
+        "headline": "primary config on arithmetic at each temperature (0.7 fixed in advance; 0.3 added after the "
+                    "quick run showed answers at 0.7 almost never settle for this model)",
         "sim_configs": [method_name(*c) for c in sim_configs], "concurrency": args.concurrency,
         "stop_rule": "beta (server default)", "ray_worker_niceness": args.worker_niceness,
         "notes": "SC@k = server majority vote over the first k of one n=16 server draw per prompt; "
@@ -546,10 +565,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     table = compare_to_sc16(summarize(records, source_of))
     order = {"SC@1": 0, "SC@4": 1, "SC@8": 2, "SC@16": 3, "greedy": 4}
-    table.sort(key=lambda r: (r["dataset"] != "arithmetic", r["source"] == "SIM on pool",
+    table.sort(key=lambda r: (not r["dataset"].startswith("arithmetic"), r["dataset"], r["source"] == "SIM on pool",
                               order.get(r["method"], 10), r["method"]))
-    difficulty_rows = by_difficulty([r for r in records if r["dataset"] == "arithmetic"],
-                                    ["greedy", "SC@16", *[method_name(*c) for c in server_configs]])
+    difficulty_rows = [
+        {"dataset": f"arithmetic@T{t:g}", **row}
+        for t in temperatures
+        for row in by_difficulty([r for r in records if r["dataset"] == f"arithmetic@T{t:g}"],
+                                 ["greedy", "SC@16", *[method_name(*c) for c in server_configs]])
+    ]
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot(table, out_dir / "serve_adaptive.png")
@@ -557,30 +580,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def row_of(dataset: str, method: str) -> dict[str, Any] | None:
         return next((r for r in table if r["dataset"] == dataset and r["method"] == method), None)
 
-    primary, sc16 = row_of("arithmetic", PRIMARY), row_of("arithmetic", "SC@16")
-    sim_primary = row_of("arithmetic", "sim:" + PRIMARY)
-    metrics = {
-        "sc16_accuracy": sc16["accuracy"] if sc16 else None,
-        "sc16_mean_samples": sc16["mean_samples"] if sc16 else None,
-        "adaptive_accuracy": primary["accuracy"] if primary else None,
-        "adaptive_mean_samples": primary["mean_samples"] if primary else None,
-        "sample_ratio_sc16_over_adaptive": primary["sample_ratio"] if primary else None,
-        "flops_ratio_sc16_over_adaptive": primary["flops_ratio"] if primary else None,
-        "accuracy_gap_points": primary["acc_gap_pts"] if primary else None,
-        "sim_sample_ratio_sc16_over_adaptive": sim_primary["sample_ratio"] if sim_primary else None,
-        "sim_accuracy_gap_points": sim_primary["acc_gap_pts"] if sim_primary else None,
+    metrics: dict[str, Any] = {}
+    targets: dict[str, str] = {}
+    for t in temperatures:
+        group, suffix = f"arithmetic@T{t:g}", f"_T{t:g}"
+        primary, sc16 = row_of(group, PRIMARY), row_of(group, "SC@16")
+        sim_primary = row_of(group, "sim:" + PRIMARY)
+        metrics.update({
+            f"sc16_accuracy{suffix}": sc16["accuracy"] if sc16 else None,
+            f"greedy_accuracy{suffix}": (g := row_of(group, "greedy")) and g["accuracy"],
+            f"adaptive_accuracy{suffix}": primary["accuracy"] if primary else None,
+            f"adaptive_mean_samples{suffix}": primary["mean_samples"] if primary else None,
+            f"sample_ratio_sc16_over_adaptive{suffix}": primary["sample_ratio"] if primary else None,
+            f"flops_ratio_sc16_over_adaptive{suffix}": primary["flops_ratio"] if primary else None,
+            f"accuracy_gap_points{suffix}": primary["acc_gap_pts"] if primary else None,
+            f"sim_sample_ratio_sc16_over_adaptive{suffix}": sim_primary["sample_ratio"] if sim_primary else None,
+            f"sim_accuracy_gap_points{suffix}": sim_primary["acc_gap_pts"] if sim_primary else None,
+        })
+        targets.update({f"sample_ratio_sc16_over_adaptive{suffix}": ">= 3", f"accuracy_gap_points{suffix}": "<= 1"})
+    metrics.update({
         "prompts_failed": len(failed), "failures": [e for r in failed for e in r["errors"]][:10],
-        "prompts_completed": {d: sum(r["dataset"] == d for r in records) for d in ("arithmetic", "gsm8k")},
+        "prompts_completed": dict(sorted(Counter(r["dataset"] for r in records).items())),
         "startup_s": round(startup_s, 1), "measure_s": round(measure_s, 1),
         "table": table, "by_difficulty": difficulty_rows,
-    }
-    result = write_result(args.name, config, metrics, targets={
-        "sample_ratio_sc16_over_adaptive": ">= 3", "accuracy_gap_points": "<= 1"}, out_dir=out_dir)
+    })
+    result = write_result(args.name, config, metrics, targets=targets, out_dir=out_dir)
     (out_dir / f"{args.name}_records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     print(f"\nserve_adaptive: {len(records)} prompts in {measure_s:.0f}s after a {startup_s:.0f}s startup; "
           f"targets on arithmetic, primary {PRIMARY}: {result['met']}")
     print("\nper difficulty (arithmetic, served):")
-    print_table(difficulty_rows, ["difficulty", "method", "n", "accuracy", "mean_samples"])
+    print_table(difficulty_rows, ["dataset", "difficulty", "method", "n", "accuracy", "mean_samples"])
     print()
     print_table(table, ["dataset", "method", "source", "n", "accuracy", "mean_samples", "mean_flops",
                         "sample_ratio", "acc_gap_pts", "stopped_early"])
@@ -595,6 +624,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--digits", type=int, nargs="+", default=[1, 2], help="operand digits (difficulty levels)")
     parser.add_argument("--operations", nargs="+", default=["+"], choices=["+", "-", "*"],
                         help="SmolLM2-135M gets 1-digit sums mostly right and 2-digit ones mostly wrong")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=None,
+                        help="sampling temperatures, each its own SC@k baseline (default 0.7 quick, 0.7 0.3 full)")
     parser.add_argument("--arith-tokens", type=int, default=12)
     parser.add_argument("--gsm8k-tokens", type=int, default=None, help="default 64 quick, 96 full")
     parser.add_argument("--concurrency", type=int, default=16, help="server requests in flight")

@@ -147,3 +147,12 @@ def test_interleave_spreads_the_extra_rows():
     out = sa.interleave(main, extra)
     assert len(out) == 10 and out.index({"g": 0}) < 5 < out.index({"g": 1})
     assert sa.interleave(main, []) == main
+
+
+def test_each_prompt_runs_once_per_temperature_in_its_own_group():
+    rows = [{"id": "a", "dataset": "arithmetic"}, {"id": "g", "dataset": "gsm8k"}]
+    out = sa.at_temperatures(rows, [0.7, 0.3])
+    assert [(r["id"], r["dataset"], r["temperature"]) for r in out] == [
+        ("a", "arithmetic@T0.7", 0.7), ("a", "arithmetic@T0.3", 0.3),
+        ("g", "gsm8k@T0.7", 0.7), ("g", "gsm8k@T0.3", 0.3)]
+    assert {r["task"] for r in out} == {"arithmetic", "gsm8k"} and rows[0]["dataset"] == "arithmetic"

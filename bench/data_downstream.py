@@ -195,7 +195,7 @@ def run(quick: bool) -> dict:
     config = {"quick": quick, "n_rows": n_rows, "noise_rate": 0.2, "rows_scored": scored["rows_scored"],
               "rows_per_arm": {k: len(v) for k, v in data.items()}, "eval_per_difficulty": per_level,
               "finetune": cfg, "epochs": 1, "checkpoints": checkpoints, "curves": curves, "plot": str(png),
-              "wall_s": round(wall, 1), "load_average": os.getloadavg(),
+              "wall_s": round(wall, 1),
               "noise_in_arms": {k: sum(r.get("noise_kind", "none") != "none" for r in v) for k, v in data.items()}}
     write_result("data_downstream", config, metrics,
                  {"frugalray_minus_all": ">= 0", "frugalray_minus_random": "> 0", "flops_ratio_frugalray_vs_all": "<= 0.55"})

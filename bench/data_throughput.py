@@ -230,8 +230,7 @@ def run(quick: bool, actors: int, skip_vllm: bool) -> dict:
     config = {"quick": quick, "rows": n_rows, "max_length": max_length, "batch_size": batch_size,
               "frugalray_actors": actors, "cpus": os.cpu_count(), "model": DEFAULT_MODEL,
               "matmul_params": shape.matmul_params, "vllm_dtype": vl.get("dtype"), "vllm_error": vl.get("error"),
-              "timing": "end to end including model load; *_loop_* excludes it",
-              "load_average": os.getloadavg()}
+              "timing": "end to end including model load; *_loop_* excludes it"}
     write_result("data_throughput", config, metrics,
                  {"speedup_vs_naive": ">= 2.5", "fraction_of_limit": ">= 0.6", "ratio_vs_vllm": ">= 1.0"})
     table = [

@@ -543,7 +543,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "stop_rule": "beta (server default)", "ray_worker_niceness": args.worker_niceness,
         "notes": "SC@k = server majority vote over the first k of one n=16 server draw per prompt; "
                  "server rows draw their own samples through compute_budget; sim rows replay the stopping "
-                 "policy on the pooled draw. Shared 2-core machine (other engineers' jobs ran concurrently).",
+                 "policy on the pooled draw. Shared 2-core machine: machine.load_average says how busy it was.",
     }
     started = time.time()
     cfg = ServeConfig(model=model_path, model_name=MODEL_NAME, app_name="bench-adaptive", route_prefix="/",

@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "engine": "vLLM-CPU, enforce_eager, prefix caching off in both apps (each request does full work)",
         "client": "httpx keep-alive, one client per arm, chat greedy n=1",
         "ray_worker_niceness": args.worker_niceness,
-        "machine_note": "2 shared cores, other engineers' jobs running concurrently",
+        "machine_note": "2 shared cores; machine.load_average says how busy they were",
     }
     started = time.time()
     with local_ray_cluster(worker_niceness=args.worker_niceness):

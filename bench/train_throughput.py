@@ -9,6 +9,10 @@ Same rows, seed, sequence length and global batch (4 rows per optimizer step) ev
 - ray_1w: `run_finetune` with one Ray Train worker (no FSDP): the cost of Ray itself;
 - ray_fsdp_2w: `run_finetune` with two Ray Train workers, FSDP2 over gloo, 2 rows each.
 
+Host RAM of loading: for each Ray worker, its peak RSS after loading and sharding minus its RSS
+just before loading, next to the fp32 model's size (LoRA: rank 0 loads and broadcasts, ranks > 0
+build on the meta device and should hold about their shard; QLoRA: every rank loads the 4-bit model).
+
 tokens/s counts real (non-pad) tokens of timed steps only (step time measured inside the
 loop; model loading and worker start are reported separately as `startup_s`). FLOPs come
 from frugalray.budget.flops; the achieved FLOP rate is compared with a measured fp32 matmul
@@ -119,7 +123,8 @@ def ray_run(model_path: str, data: str, method: str, steps: int, global_batch: i
     tokens = sum(r["tokens"] for r in rows)
     flops = sum(r["flops"] for r in rows)
     return {"tokens_per_s": tokens / seconds, "flops_per_s": flops / seconds, "s_per_step": seconds / len(rows),
-            "startup_s": wall - sum(result.step_seconds), "tokens": tokens, "wall_s": wall}
+            "startup_s": wall - sum(result.step_seconds), "tokens": tokens, "wall_s": wall,
+            "host_ram_mb": result.host_ram_mb}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from frugalray.benchmarking import print_table, write_result
-    from frugalray.models import DEFAULT_MODEL, resolve_model
+    from frugalray.models import DEFAULT_MODEL, model_shape, resolve_model
     from frugalray.ray_utils import init_ray
 
     methods = ["lora"] if args.quick else ["lora", "qlora"]
@@ -143,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     peak = matmul_gflops(threads)
     init_ray()
 
-    table, metrics = [], {"matmul_fp32_gflops": peak}
+    table, load_rows, metrics = [], [], {"matmul_fp32_gflops": peak}
+    fp32_model_mb = model_shape(model_path).matmul_params * 4 / 2**20
+    metrics["fp32_model_mb"] = round(fp32_model_mb, 1)
     for method in methods:
         variants = {
             "plain": lambda: plain_peft_loop(model_path, rows, method, steps, global_batch, seq_len, False, threads),
@@ -164,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
             metrics[f"{method}_{name}_tokens_per_s"] = m["tokens_per_s"]
             metrics[f"{method}_{name}_flop_fraction"] = frac
             metrics[f"{method}_{name}_startup_s"] = m["startup_s"]
+        # FSDP-friendly loading: what loading cost each worker's host RAM (peak over its RSS before the
+        # load), next to the whole model in fp32; a rank > 0 that built on meta should hold about its shard.
+        for name in ("ray_1w", "ray_fsdp_2w"):
+            for r in measured[name]["host_ram_mb"]:
+                metrics[f"{method}_{name}_rank{r['rank']}_load_growth_mb"] = round(r["load_growth_mb"], 1)
+                load_rows.append({"method": method, "variant": name, "rank": r["rank"],
+                                  "load_growth_MiB": r["load_growth_mb"], "peak_MiB": r["peak_mb"],
+                                  "of_fp32_model": r["load_growth_mb"] / fp32_model_mb})
         plain = measured["plain"]["tokens_per_s"]
         metrics[f"{method}_ray_fsdp_2w_vs_plain"] = measured["ray_fsdp_2w"]["tokens_per_s"] / plain
         metrics[f"{method}_ray_1w_vs_plain"] = measured["ray_1w"]["tokens_per_s"] / plain
@@ -171,14 +186,17 @@ def main(argv: list[str] | None = None) -> int:
 
     config = {"quick": args.quick, "methods": methods, "timed_steps": steps, "global_batch": global_batch,
               "seq_len": seq_len, "threads": threads, "model": DEFAULT_MODEL, "lora_rank": 8,
-              "compute_dtype": "float32", "note": "shared 2-core machine; ratios from back-to-back runs",
-              # Other work on the box skews back-to-back variants differently: read the ratios with this.
-              "load_average_at_end": list(os.getloadavg())}
+              "compute_dtype": "float32",
+              # Other work on the box skews back-to-back variants differently: read the ratios with
+              # machine.load_average (written with the result).
+              "note": "shared 2-core machine; ratios from back-to-back runs"}
     # What a 2-core box can hope for: FSDP on 2 workers splits the same 2 cores, so parity with
     # the plain loop (ratio ~1) is the ceiling; the target records how much Ray+FSDP may cost.
     targets = {f"{m}_ray_fsdp_2w_vs_plain": ">= 0.7" for m in methods}
     write_result("train_throughput", config, metrics, targets, args.out_dir)
     print_table(table, ["method", "variant", "tokens/s", "s/step", "GFLOP/s", "of_matmul_peak", "startup_s"])
+    print(f"\nhost RAM that loading added per Ray worker (the fp32 model is {fp32_model_mb:.0f} MiB):")
+    print_table(load_rows, ["method", "variant", "rank", "load_growth_MiB", "peak_MiB", "of_fp32_model"])
     return 0
 
 

@@ -36,7 +36,9 @@ def machine_facts() -> dict:
             gpu = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    return {"cpus": os.cpu_count(), "gpu": gpu, "python": std_platform.python_version()}
+    # How busy the (shared) machine was over the last 1/5/15 minutes when the result was written.
+    return {"cpus": os.cpu_count(), "gpu": gpu, "python": std_platform.python_version(),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def write_result(

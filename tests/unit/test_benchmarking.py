@@ -25,3 +25,5 @@ def test_write_result_computes_met_from_metrics(tmp_path):
     assert on_disk == record
     assert on_disk["met"] == {"speedup": True, "error": False}
     assert set(on_disk) == {"bench", "date", "machine", "config", "metrics", "targets", "met"}
+    # every result says how busy the shared machine was: ratios from a loaded box read differently
+    assert len(on_disk["machine"]["load_average"]) == 3 and all(x >= 0 for x in on_disk["machine"]["load_average"])

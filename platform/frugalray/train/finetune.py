@@ -129,7 +129,7 @@ class FinetuneResult(BaseModel):
     steps_file: str | None = None  # per-step records of every attempt (JSONL)
     restarts: int = 0  # worker-group restarts Ray Train made after failures
     repeated_steps: int = 0  # steps computed twice because a failure lost them
-    host_ram_mb: list[dict[str, float]] = []  # per rank: peak / current RSS after loading and sharding
+    host_ram_mb: list[dict[str, float]] = []  # per rank: RSS after loading and sharding, and its growth
 
 
 @dataclass
@@ -365,11 +365,12 @@ def finetune_worker(config: dict[str, Any]) -> None:
         import ray.train.torch
 
         device = ray.train.torch.get_device()
+    rss_before_load = _current_rss_mb()
     session = TrainingSession(
         cfg, config["model_path"], config["train_rows"], config["eval_rows"], rank, world,
         cfg.get("cpu_threads"), device=device,
     )
-    host_ram = _gather_host_ram(session)  # per rank, right after loading + sharding
+    host_ram = _gather_host_ram(session, rss_before_load)  # per rank, right after loading + sharding
     # A restart inside this run (a worker died) resumes from Ray Train's latest checkpoint; otherwise
     # `resume_from` names where a stopped or finished run left off. (Ray Train v2 dropped
     # TorchTrainer(resume_from_checkpoint=...); the loop loads the path itself.)
@@ -438,16 +439,23 @@ def finetune_worker(config: dict[str, Any]) -> None:
                          checkpoint_dir_name=f"step_{session.steps_done:06d}")
 
 
-def _gather_host_ram(session) -> list[dict[str, float]]:
-    """Every rank's peak and current RSS (MiB) after the model is loaded and sharded."""
+def _current_rss_mb() -> float:
+    import resource
+
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _gather_host_ram(session, before_load_mb: float) -> list[dict[str, float]]:
+    """Every rank's RSS (MiB) after the model is loaded and sharded: peak, current, and the peak's
+    growth over the RSS before loading (what loading cost this worker, imports excluded)."""
     import resource
 
     import torch.distributed as dist
 
-    with open("/proc/self/statm") as fh:
-        current = int(fh.read().split()[1]) * resource.getpagesize() / 2**20
-    mine = {"rank": session.rank, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "current_mb": current}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    mine = {"rank": session.rank, "peak_mb": peak, "current_mb": _current_rss_mb(),
+            "before_load_mb": before_load_mb, "load_growth_mb": peak - before_load_mb}
     if not session.distributed:
         return [mine]
     everyone: list[Any] = [None] * session.world_size

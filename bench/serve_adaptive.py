@@ -514,7 +514,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import openai
 
     from frugalray.benchmarking import print_table, write_result
-    from frugalray.models import DEFAULT_MODEL, model_shape, resolve_model
+    from frugalray.models import DEFAULT_MODEL, engine_dtype_default, model_shape, resolve_model
     from frugalray.serve.app import deploy, shutdown_app
     from frugalray.serve.config import ServeConfig
 
@@ -540,7 +540,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "headline": "primary config on arithmetic at each temperature (0.7 fixed in advance; 0.3 added after the "
                     "quick run showed answers at 0.7 almost never settle for this model)",
         "sim_configs": [method_name(*c) for c in sim_configs], "concurrency": args.concurrency,
-        "stop_rule": "beta (server default)", "ray_worker_niceness": args.worker_niceness,
+        "stop_rule": "beta (server default)", "engine_dtype": engine_dtype_default(),
+        "ray_worker_niceness": args.worker_niceness,
         "notes": "SC@k = server majority vote over the first k of one n=16 server draw per prompt; "
                  "server rows draw their own samples through compute_budget; sim rows replay the stopping "
                  "policy on the pooled draw. Shared 2-core machine: machine.load_average says how busy it was.",

@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from frugalray.benchmarking import print_table, write_result
     from frugalray.data.generate import make_eval_set
-    from frugalray.models import DEFAULT_MODEL, resolve_model
+    from frugalray.models import DEFAULT_MODEL, engine_dtype_default, resolve_model
     from frugalray.serve.app import deploy, llm_config_for, shutdown_app
     from frugalray.serve.config import ServeConfig, preflight
 
@@ -157,6 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   "/ray: build_openai_app on the same LLMConfig, ingress pinned to 1 replica); alternating "
                   "blocks, rotated order, one arm at a time; each app its own identical vLLM-CPU engine",
         "engine": "vLLM-CPU, enforce_eager, prefix caching off in both apps (each request does full work)",
+        "engine_dtype": engine_dtype_default(),
         "client": "httpx keep-alive, one client per arm, chat greedy n=1",
         "ray_worker_niceness": args.worker_niceness,
         "machine_note": "2 shared cores; machine.load_average says how busy they were",

@@ -258,3 +258,17 @@ def test_well_formed_chat_messages_pass():
 
     check_chat_messages([{"role": "system", "content": None}, {"role": "user", "content": "2+2?"},
                          {"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+
+
+@pytest.mark.parametrize(("fast_bf16", "expected"), [(False, "float32"), (True, "auto")])
+def test_engine_dtype_is_float32_where_bf16_is_emulated_unless_the_operator_names_one(monkeypatch, fast_bf16, expected):
+    import frugalray.models as models
+    from frugalray.serve.app import llm_config_for
+    from frugalray.serve.config import ResolvedServe
+
+    monkeypatch.setattr(models, "has_fast_bf16", lambda: fast_bf16)
+    resolved = ResolvedServe(model_path="/models/m", shape=SHAPE)
+    cfg = ServeConfig(model="/models/m")
+    assert llm_config_for(cfg, resolved).engine_kwargs["dtype"] == expected
+    chosen = ServeConfig(model="/models/m", engine_kwargs={"dtype": "bfloat16"})
+    assert llm_config_for(chosen, resolved).engine_kwargs["dtype"] == "bfloat16"

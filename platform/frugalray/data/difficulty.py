@@ -75,12 +75,13 @@ class PassRateScorer:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.kv_cache_gib))
         from vllm import LLM
 
-        from frugalray.models import load_tokenizer
+        from frugalray.models import engine_dtype_default, load_tokenizer
 
         self.tokenizer = load_tokenizer(model_path)
+        engine_kwargs = {"dtype": engine_dtype_default(), **self.settings.engine_kwargs}
         self.llm = LLM(
             model=model_path, enforce_eager=True, max_model_len=self.settings.max_model_len,
-            seed=self.settings.seed, **self.settings.engine_kwargs,
+            seed=self.settings.seed, **engine_kwargs,
         )
 
     def samples(self, prompts: list[str]) -> list[list]:

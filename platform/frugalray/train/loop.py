@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from frugalray.budget.flops import ModelShape, forward_flops_per_token, train_flops_per_token
+from frugalray.models import has_fast_bf16
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +55,6 @@ def train_step_flops_upper_bound(
 
 def eval_flops_upper_bound(shape: ModelShape, n_rows: int, seq_len: int, lora_params: int) -> float:
     return forward_flops_per_token(shape, seq_len, lora_params) * n_rows * seq_len
-
-
-def has_fast_bf16() -> bool:
-    """Native bf16 matmuls: a CUDA device, or a CPU with AVX512-BF16 / AMX.
-
-    On an AVX2-only CPU, torch's bf16 matmul measured 1.4 GFLOP/s against 35 GFLOP/s fp32,
-    which made a QLoRA step (bf16 compute) about 27x slower than with fp32 compute.
-    """
-    import torch
-
-    if torch.cuda.is_available():
-        return True
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
 def resolve_compute_dtype(name: str) -> str:

@@ -262,7 +262,7 @@ def test_well_formed_chat_messages_pass():
 
 @pytest.mark.parametrize(("fast_bf16", "expected"), [(False, "float32"), (True, "auto")])
 def test_engine_dtype_is_float32_where_bf16_is_emulated_unless_the_operator_names_one(monkeypatch, fast_bf16, expected):
-    import frugalray.models as models
+    from frugalray import models
     from frugalray.serve.app import llm_config_for
     from frugalray.serve.config import ResolvedServe
 
@@ -272,3 +272,15 @@ def test_engine_dtype_is_float32_where_bf16_is_emulated_unless_the_operator_name
     assert llm_config_for(cfg, resolved).engine_kwargs["dtype"] == expected
     chosen = ServeConfig(model="/models/m", engine_kwargs={"dtype": "bfloat16"})
     assert llm_config_for(chosen, resolved).engine_kwargs["dtype"] == "bfloat16"
+
+
+def test_reserved_engine_cpus_reach_the_engine_environment_only_when_set():
+    from frugalray.serve.app import llm_config_for
+    from frugalray.serve.config import ResolvedServe
+
+    resolved = ResolvedServe(model_path="/models/m", shape=SHAPE)
+    env_of = lambda cfg: llm_config_for(cfg, resolved).runtime_env["env_vars"]
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env_of(ServeConfig(model="/models/m"))
+    assert env_of(ServeConfig(model="/models/m", engine_reserved_cpus=0))["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    with pytest.raises(ConfigError, match="engine_reserved_cpus"):
+        parse_config(ServeConfig, {"model": "/models/m", "engine_reserved_cpus": -1})

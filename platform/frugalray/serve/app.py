@@ -60,6 +60,8 @@ def llm_config_for(cfg: ServeConfig, resolved: ResolvedServe):
             lora_modules=[{"name": a.name, "path": a.path} for a in resolved.adapters.values()],
         )
     env = {**worker_env(), "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib)}
+    if cfg.engine_reserved_cpus is not None:
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(cfg.engine_reserved_cpus)
     return LLMConfig(
         model_loading_config={"model_id": cfg.model_name, "model_source": resolved.model_path},
         engine_kwargs=engine_kwargs,

@@ -365,6 +365,7 @@ def finetune_worker(config: dict[str, Any]) -> None:
         import ray.train.torch
 
         device = ray.train.torch.get_device()
+    _import_model_code(config["model_path"], cfg["method"])  # so the load growth below is weights, not code
     rss_before_load = _current_rss_mb()
     session = TrainingSession(
         cfg, config["model_path"], config["train_rows"], config["eval_rows"], rank, world,
@@ -437,6 +438,20 @@ def finetune_worker(config: dict[str, Any]) -> None:
             (Path(tmp) / "finetune_config.json").write_text(json.dumps(cfg, indent=1, default=str))
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"step_{session.steps_done:06d}")
+
+
+def _import_model_code(model_path: str, method: str) -> None:
+    """Import what loading will import (transformers' model class, PEFT, bitsandbytes): modules, no weights."""
+    import contextlib
+
+    import peft  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    # An architecture transformers does not map fails in loading itself, with transformers' own message.
+    with contextlib.suppress(KeyError):
+        AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(model_path))]  # imports the class
+    if method == "qlora":
+        import bitsandbytes  # noqa: F401
 
 
 def _current_rss_mb() -> float:

@@ -37,7 +37,10 @@ What it predicts is the peak of live bytes. On a CPU that is what RSS shows only
 returns freed blocks: by default glibc raises its mmap threshold (up to 32 MiB) each time a
 large block is freed, after which freed activations stay in the heap; at seq 512 that made
 RSS 1.45x the live peak (1769 vs 1219 MiB for QLoRA on the default model). Setting
-MALLOC_MMAP_THRESHOLD_=131072 in a training worker's environment keeps RSS on the prediction.
+MALLOC_MMAP_THRESHOLD_=131072 in a training worker's environment keeps RSS on the prediction,
+at the price of a fresh mmap per activation (a CPU LoRA step 1.8x slower); frugalray's workers
+use 16 MiB by default (frugalray.ray_utils.worker_env), so on a CPU their RSS can sit above the
+predicted live peak, by up to the 1.45x above.
 
 Weights, LoRA, gradients and optimizer states are divided by the FSDP world size (FSDP2
 shards every parameter, gradient and state); activations and logits are per device.

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         # load), next to the whole model in fp32; a rank > 0 that built on meta should hold about its shard.
         for name in ("ray_1w", "ray_fsdp_2w"):
             for r in measured[name]["host_ram_mb"]:
-                metrics[f"{method}_{name}_rank{r['rank']}_load_growth_mb"] = round(r["load_growth_mb"], 1)
+                metrics[f"{method}_{name}_rank{int(r['rank'])}_load_growth_mb"] = round(r["load_growth_mb"], 1)
                 load_rows.append({"method": method, "variant": name, "rank": r["rank"],
                                   "load_growth_MiB": r["load_growth_mb"], "peak_MiB": r["peak_mb"],
                                   "of_fp32_model": r["load_growth_mb"] / fp32_model_mb})

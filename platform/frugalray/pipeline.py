@@ -132,6 +132,19 @@ def _fmt_flops(x: float) -> str:
     return f"{x:.3e}"
 
 
+def set_aside_previous_ledger(run_dir: Path) -> Path | None:
+    """Rename an earlier run's ledger (kept, never deleted): the pipeline reruns every stage, and a
+    ledger appended to twice would no longer add up to this run's stage results."""
+    from frugalray.budget.ledger import LEDGER_FILE
+
+    path = Path(run_dir) / LEDGER_FILE
+    if not path.exists():
+        return None
+    kept = path.with_name(f"{path.stem}.{int(path.stat().st_mtime)}{path.suffix}")
+    path.rename(kept)
+    return kept
+
+
 def run_pipeline(cfg: PipelineConfig, run_dir: str | Path | None = None, address: str | None = None) -> dict:
     from tqdm import tqdm
 
@@ -151,6 +164,9 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path | None = None, address
     plan = StagePlan(cfg, run_dir)  # raises one ConfigError listing every problem
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "pipeline_config.json").write_text(cfg.model_dump_json(indent=2))
+    kept = set_aside_previous_ledger(run_dir)
+    if kept is not None:
+        log.info("a previous run's ledger in %s moved to %s; this run starts a fresh one", run_dir, kept.name)
     ledger = ComputeLedger(run_dir)
     started = time.time()
     steps = ["generate", "score", "select", "finetune", "sweep", "serve"]

@@ -3,8 +3,8 @@
     python bench/data_downstream.py            # full: 400 rows, 1 epoch, batch 8 (about 15 min alone on 2 cores)
     python bench/data_downstream.py --quick    # 64 rows, batch 4, 8 eval questions per difficulty
 
-Data: generated verifiable tasks (1-2 digit sums and differences) with 20% labelled noise of
-every kind. frugalray's half: one real scoring run (Ray Data: perplexity, heuristics,
+Data: generated verifiable tasks (1-2 digit sums and differences, worked responses
+"23 + 58 = 81") with 20% labelled noise of every kind. frugalray's half: one real scoring run (Ray Data: perplexity, heuristics,
 duplicates and the verifier against each task's reference answer, with the Ray Data job's operator
 in process: bench/_data_common.py) and `select` keeping 50% of the rows with dedup, the degenerate /
 garbage / wrong-answer filters and the lowest perplexity first. The random half: `select` with strategy random, 50%.
@@ -35,19 +35,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from frugalray.benchmarking import RESULTS_DIR, print_table, write_result
-from frugalray.data.generate import GenerateConfig, generate_tasks, make_eval_set, write_rows
+from frugalray.data.generate import GenerateConfig, generate_tasks, is_correct, make_eval_set, write_rows
 
-
-def reply_answer(text: str) -> str | None:
-    """The first integer after the last "=" or " is " on the reply's first non-empty line (else
-    the line's first integer): the untrained model echoes the question ("2 + 9 = 11"), where
-    the library's first-integer rule reads "2". A cut-off "4 - 2 = " gives None, not "2"."""
-    import re
-
-    line = next((ln for ln in text.splitlines() if ln.strip()), "")
-    result = re.split(r"=| is ", line)[-1]
-    found = re.search(r"-?\d[\d,]*", result)
-    return str(int(found.group(0).replace(",", ""))) if found else None
+# Worked responses ("23 + 58 = 81"): trained on bare numbers, the 135M model lost accuracy in
+# every arm (the format, not the data, decided the result); see frugalray.data.generate.
+STYLE = "worked"
 
 
 def accuracy(session, eval_rows: list[dict], max_new_tokens: int = 16, show: int = 0) -> dict[int, float]:
@@ -72,7 +64,7 @@ def accuracy(session, eval_rows: list[dict], max_new_tokens: int = 16, show: int
     tok.padding_side = side
     by_level: dict[int, list[bool]] = {}
     for i, (row, text) in enumerate(zip(eval_rows, answers)):
-        ok = reply_answer(text) == str(row["answer"])
+        ok = is_correct(text, row)
         if i < show:
             print(f"    {row['instruction']!r} -> {text!r} (answer {row['answer']}, {'ok' if ok else 'wrong'})", flush=True)
         by_level.setdefault(row["difficulty"], []).append(ok)
@@ -132,12 +124,14 @@ def run(quick: bool) -> dict:
     started = time.time()
     model_path = resolve_model(DEFAULT_MODEL)
     work = Path(tempfile.mkdtemp(prefix="downstream_"))
-    source = generate_tasks(GenerateConfig(n_rows=n_rows, max_digits=2, noise_rate=0.2, seed=21))
+    source = generate_tasks(GenerateConfig(n_rows=n_rows, max_digits=2, noise_rate=0.2, seed=21,
+                                          response_style=STYLE))
     write_rows(source, work / "tasks.jsonl")
     train_instructions = {r["instruction"] for r in source}
     eval_rows = []
     for level in (1, 2):  # clean, unseen questions of each difficulty
-        pool = make_eval_set(per_level * 6, seed=700 + level, max_digits=level, exclude_instructions=train_instructions)
+        pool = make_eval_set(per_level * 6, seed=700 + level, max_digits=level, exclude_instructions=train_instructions,
+                             response_style=STYLE)
         eval_rows += [r for r in pool if r["difficulty"] == level][:per_level]
 
     scored = score_in_process(work / "tasks.jsonl", work / "scored", ("perplexity", "heuristics", "verifier"),

@@ -134,3 +134,33 @@ def test_write_rows_jsonl_and_parquet(tmp_path):
     assert pq.read_table(pqp).to_pylist() == rows
     with pytest.raises(ValueError, match="output_path"):
         write_rows(rows, tmp_path / "tasks.csv")
+
+
+def test_worked_style_writes_the_equation_and_keeps_answers_checkable():
+    cfg = GenerateConfig(n_rows=120, families=["arithmetic", "compare"], max_digits=2, noise_rate=0.25,
+                         noise_kinds=["wrong_answer"], response_style="worked", seed=3)
+    rows = generate_tasks(cfg)
+    bare = generate_tasks(cfg.model_copy(update={"response_style": "number"}))
+    # Same questions and answers as the bare style, only the wording differs.
+    assert [r["answer"] for r in rows] == [r["answer"] for r in bare]
+    assert [r["instruction"] for r in rows] == [r["instruction"].replace(" Reply with only the number.", "")
+                                               for r in bare]
+    for row in rows:
+        assert "Reply with only the number" not in row["instruction"]
+        if row["family"] == "arithmetic":
+            equation = re.fullmatch(r"(\d+) ([-+]) (\d+) = (\d+)", row["response"])
+            assert equation, row["response"]
+            assert row["instruction"] == f"What is {equation[1]} {equation[2]} {equation[3]}?"
+        else:
+            assert row["response"].startswith("The larger is ")
+        stated = extract_answer(row["response"])
+        if row["noise_kind"] == "wrong_answer":
+            assert stated is not None and stated != row["answer"]  # the wrong number replaces the answer
+        else:
+            assert stated == row["answer"] == str(_true_value(row["instruction"]))
+    assert sum(r["noise_kind"] == "wrong_answer" for r in rows) == 30
+
+
+def test_eval_set_in_worked_style():
+    rows = make_eval_set(10, seed=2, response_style="worked")
+    assert all(r["instruction"].endswith("?") and is_correct(r["response"], r) for r in rows)

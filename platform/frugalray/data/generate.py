@@ -9,6 +9,13 @@ Families:
 - `compare`: "Which number is larger: 47 or 52? Reply with only the number."
   Difficulty = operand digits (larger numbers share more leading digits, so it gets harder).
 
+Response styles: `number` (the default above: the reply is the bare answer) or `worked`:
+"What is 23 + 58?" -> "23 + 58 = 81", "Which number is larger: 47 or 52?" -> "The larger is 52."
+A small model answers far better when it writes the equation out first (the 135M default gets
+most 1-digit sums right that way, and few as a bare number), so fine-tuning it on bare
+answers teaches a format it is bad at, and every arm of a data-selection comparison loses
+accuracy for the same reason; `worked` rows measure what the data teaches instead.
+
 Noise (`noise_rate` > 0) replaces exactly round(noise_rate * n_rows) rows with a corrupted
 version and labels each with its `noise_kind`, so that a data-selection method can be scored
 on how many bad rows it removes:
@@ -34,6 +41,7 @@ from pydantic import Field, model_validator
 from frugalray.config import StrictModel
 
 TaskFamily = Literal["arithmetic", "compare"]
+ResponseStyle = Literal["number", "worked"]
 NoiseKind = Literal["wrong_answer", "garbled", "exact_duplicate", "near_duplicate", "empty_response"]
 Operation = Literal["+", "-", "*"]
 
@@ -50,6 +58,8 @@ class GenerateConfig(StrictModel):
     operations: list[Operation] = Field(default_factory=lambda: ["+", "-"], min_length=1)
     noise_rate: float = Field(default=0.0, ge=0.0, lt=1.0)
     noise_kinds: list[NoiseKind] = Field(default_factory=lambda: list(ALL_NOISE_KINDS), min_length=1)
+    response_style: ResponseStyle = Field(
+        default="number", description="number: the bare answer; worked: the equation written out, then the answer")
     seed: int = 0
     output_path: str = "runs/data/tasks.jsonl"
 
@@ -74,33 +84,45 @@ def _operand(rng: random.Random, digits: int) -> int:
     return rng.randint(low, 10**digits - 1)
 
 
-def _arithmetic(rng: random.Random, digits: int, operations: list[str]) -> tuple[str, str]:
+def _arithmetic(rng: random.Random, digits: int, operations: list[str]) -> tuple[str, str, str]:
+    """(question, answer, worked prefix): the worked response is the prefix followed by the answer."""
     op = rng.choice(operations)
     a, b = _operand(rng, digits), _operand(rng, digits)
     if op == "-" and b > a:
         a, b = b, a  # keep answers non-negative: negatives are a different skill
     value = {"+": a + b, "-": a - b, "*": a * b}[op]
-    return f"What is {a} {op} {b}? {REPLY_SUFFIX}", str(value)
+    return f"What is {a} {op} {b}?", str(value), f"{a} {op} {b} = "
 
 
-def _compare(rng: random.Random, digits: int) -> tuple[str, str]:
+def _compare(rng: random.Random, digits: int) -> tuple[str, str, str]:
     a = _operand(rng, digits)
     b = a
     while b == a:
         b = _operand(rng, digits)
-    return f"Which number is larger: {a} or {b}? {REPLY_SUFFIX}", str(max(a, b))
+    return f"Which number is larger: {a} or {b}?", str(max(a, b)), "The larger is "
 
 
-def _clean_row(rng: random.Random, row_id: str, families: list[str], max_digits: int, operations: list[str]) -> dict:
+def _clean_row(rng: random.Random, row_id: str, families: list[str], max_digits: int, operations: list[str],
+               style: str = "number") -> dict:
     family = rng.choice(families)
     difficulty = rng.randint(1, max_digits)
     if family == "arithmetic":
-        instruction, answer = _arithmetic(rng, difficulty, operations)
+        question, answer, prefix = _arithmetic(rng, difficulty, operations)
     elif family == "compare":
-        instruction, answer = _compare(rng, difficulty)
+        question, answer, prefix = _compare(rng, difficulty)
     else:  # pragma: no cover - the config's Literal guards this
         raise ValueError(f"families: unknown family {family!r}; use one of {ALL_FAMILIES}")
-    return _row(row_id, family, difficulty, instruction, answer, answer, "none")
+    if style == "worked":
+        instruction, response = question, prefix + answer + ("." if family == "compare" else "")
+    else:
+        instruction, response = f"{question} {REPLY_SUFFIX}", answer
+    return _row(row_id, family, difficulty, instruction, response, answer, "none")
+
+
+def _with_answer(response: str, answer: str, replacement: str) -> str:
+    """The response with its stated answer (its last occurrence) replaced: bare or worked alike."""
+    at = response.rfind(answer)
+    return response[:at] + replacement + response[at + len(answer):] if at >= 0 else replacement
 
 
 def _row(
@@ -155,7 +177,7 @@ def _near_duplicate_instruction(rng: random.Random, instruction: str) -> str:
 
 def _corrupt(rng: random.Random, row: dict, kind: str, clean_rows: list[dict]) -> dict:
     if kind == "wrong_answer":
-        response = _wrong_number(rng, row["answer"])
+        response = _with_answer(row["response"], row["answer"], _wrong_number(rng, row["answer"]))
         return _row(row["id"], row["family"], row["difficulty"], row["instruction"], response, row["answer"], kind)
     if kind == "garbled":
         return _row(row["id"], row["family"], row["difficulty"], row["instruction"], _garble(rng), row["answer"], kind)
@@ -177,7 +199,8 @@ def generate_tasks(cfg: GenerateConfig) -> list[dict[str, Any]]:
     """`cfg.n_rows` rows, deterministic for a given config; exactly round(noise_rate * n) are noisy."""
     rng = random.Random(cfg.seed)
     rows = [
-        _clean_row(rng, f"task-{cfg.seed}-{i:06d}", list(cfg.families), cfg.max_digits, list(cfg.operations))
+        _clean_row(rng, f"task-{cfg.seed}-{i:06d}", list(cfg.families), cfg.max_digits, list(cfg.operations),
+                   cfg.response_style)
         for i in range(cfg.n_rows)
     ]
     n_noisy = noisy_row_count(cfg.n_rows, cfg.noise_rate)
@@ -200,6 +223,7 @@ def make_eval_set(
     max_digits: int = 2,
     operations: Iterable[str] = ("+", "-"),
     exclude_instructions: Iterable[str] = (),
+    response_style: ResponseStyle = "number",
 ) -> list[dict[str, Any]]:
     """`n` clean held-out questions with distinct instructions, none in `exclude_instructions`.
 
@@ -212,7 +236,7 @@ def make_eval_set(
     rows: list[dict] = []
     attempts = 0
     while len(rows) < n:
-        row = _clean_row(rng, f"eval-{seed}-{len(rows):06d}", families, max_digits, operations)
+        row = _clean_row(rng, f"eval-{seed}-{len(rows):06d}", families, max_digits, operations, response_style)
         attempts += 1
         if row["instruction"] in excluded and attempts < 50 * n:
             continue

@@ -35,7 +35,14 @@ from pathlib import Path
 import numpy as np
 
 from frugalray.benchmarking import print_table, write_result
-from frugalray.tune.replay import METHODS, recorded_space, replay, synthetic_space
+from frugalray.tune.replay import (
+    METHODS,
+    grace_flops,
+    oracle_flops_to_reach,
+    recorded_space,
+    replay,
+    synthetic_space,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -56,12 +63,17 @@ def summarize(values: list[float]) -> dict:
 def replay_suite(suite: str, spaces: list, seeds: list[int], methods: list[str], cap_multiples: list[float]):
     """Every method on every (space, seed): FLOPs to within 1% of the best final, best at each cap."""
     flops_to = {m: [] for m in methods}  # in units of one full trial (R)
+    oracle, screen_oracle = [], []
     at_cap = {m: {c: [] for c in cap_multiples} for m in methods}
     traces = {}
     n_configs = len(spaces[0].curves)
     for space, seed in zip(spaces, seeds):
         R = space.max_trial_flops
         best = space.best_final()
+        # Lower bounds: an oracle training only the right config, and one that must first try every
+        # config for the grace period (what any method that cannot see the future pays at least).
+        oracle.append(oracle_flops_to_reach(space, best * 1.01) / R)
+        screen_oracle.append(oracle[-1] + len(space.curves) * grace_flops(space) / R)
         for name in methods:
             full = replay(space, METHODS[name](space, seed), cap=n_configs * R, seed=seed, stop_at_loss=best * 1.01)
             flops_to[name].append(full.flops_to_reach(best * 1.01) / R)
@@ -72,7 +84,8 @@ def replay_suite(suite: str, spaces: list, seeds: list[int], methods: list[str],
                 assert capped.spent <= c * R * (1 + 1e-12)
                 at_cap[name][c].append(capped.final_true)
 
-    metrics: dict = {}
+    metrics: dict = {f"{suite}_oracle_flops_to_1pct_R": summarize(oracle),
+                     f"{suite}_screen_then_commit_oracle_flops_to_1pct_R": summarize(screen_oracle)}
     for name in methods:
         metrics[f"{suite}_{name}_flops_to_1pct_R"] = summarize(flops_to[name])
         for c in cap_multiples:
@@ -119,18 +132,19 @@ def _tiny_data(path: Path, n_rows: int) -> str:
 
 
 def _sweep_config(data_path: str, search_space: dict, reports: int, cap: float, scheduler: str = "fifo",
-                  flop_caps: list[float] | None = None, small: bool = False):
+                  flop_caps: list[float] | None = None, batch_size: int = 4, eval_rows: int = 8,
+                  steps_per_report: int = 1):
     from frugalray.config import parse_config
     from frugalray.tune.sweep import SweepConfig
 
     return parse_config(SweepConfig, {
         "flop_caps": flop_caps,
         "finetune": {"model": "smollm2-135m-instruct", "data_path": data_path, "method": "lora",
-                     "lora_rank": 8, "batch_size": 2 if small else 4, "seq_len": 64, "eval_rows": 4 if small else 8,
+                     "lora_rank": 8, "batch_size": batch_size, "seq_len": 64, "eval_rows": eval_rows,
                      "seed": 0, "cpu_threads": 2},
         "search_space": search_space,
-        "steps_per_report": 1,
-        "max_steps_per_trial": reports,
+        "steps_per_report": steps_per_report,
+        "max_steps_per_trial": reports * steps_per_report,
         "flop_cap": cap,
         "scheduler": scheduler,
         "metric": "eval_loss",
@@ -138,7 +152,12 @@ def _sweep_config(data_path: str, search_space: dict, reports: int, cap: float, 
     })
 
 
-RECORD_SPACE = {"learning_rate": [1e-4, 1e-3, 3e-3, 1e-2]}  # lora_rank 8
+# 10 configs whose curves cross (low rates start slow, high rates start fast and level off higher),
+# 16 reports of 2 steps each, eval loss on 16 held-out rows: enough reports for a curve fit to
+# see a trend through the eval noise (the first recording, 4 configs x 8 one-step reports on
+# 4 eval rows, was mostly noise).
+RECORD_SPACE = {"learning_rate": [3e-5, 1e-4, 3e-4, 1e-3, 3e-3], "lora_rank": [4, 16]}
+RECORD = {"rows": 256, "reports": 16, "steps_per_report": 2, "batch_size": 4, "eval_rows": 16}
 
 
 def record_curves(out: Path, quick: bool) -> dict:
@@ -147,17 +166,20 @@ def record_curves(out: Path, quick: bool) -> dict:
 
     _fair_workers()
     work = Path("runs/bench_tune_record").resolve()
-    data = _tiny_data(work / "tasks.jsonl", 96)
+    setup = {**RECORD, "rows": 64, "reports": 4} if quick else RECORD
+    data = _tiny_data(work / "tasks.jsonl", setup["rows"])
     space = {"learning_rate": [1e-4, 3e-3]} if quick else RECORD_SPACE
-    reports = 4 if quick else 8
-    cfg = _sweep_config(data, space, reports, cap=1e18, small=True)
+    reports = setup["reports"]
+    cfg = _sweep_config(data, space, reports, cap=1e18, batch_size=setup["batch_size"], eval_rows=setup["eval_rows"],
+                        steps_per_report=setup["steps_per_report"])
     started = time.time()
     result = run_sweep(cfg, work / "sweep")
     curves = [{"config": h["config"], "flops": h["flops"], "losses": h["metric"], "train_losses": h["train_loss"],
                "tokens": h["tokens"]} for h in result.histories if all(m is not None for m in h["metric"])]
     recording = {
         "source": "frugalray.tune.sweep.run_sweep (fifo) on the default model smollm2-135m-instruct, LoRA, "
-                  "generated arithmetic tasks (96 rows, 4 held out), batch 2; one report = 1 step + eval",
+                  f"generated arithmetic tasks ({setup['rows']} rows, {setup['eval_rows']} held out), batch "
+                  f"{setup['batch_size']}; one report = {setup['steps_per_report']} steps + eval",
         "finetune": cfg.finetune.model_dump(mode="json"),
         "search_space": space,
         "reports_per_trial": reports,

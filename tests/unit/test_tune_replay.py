@@ -14,6 +14,9 @@ from frugalray.tune.replay import (
     Asha,
     Plateau,
     RandomSearch,
+    RecordedCurve,
+    SearchSpace,
+    oracle_flops_to_reach,
     recorded_space,
     replay,
     synthetic_space,
@@ -77,6 +80,17 @@ def fake_recording(n_configs=4, reports=6):
         curves.append({"config": {"learning_rate": 10.0 ** -(i + 2)}, "flops": [1e12 * (k + 1) for k in range(reports)],
                        "losses": losses})
     return {"source": "test", "curves": curves}
+
+
+def test_oracle_needs_the_fewest_chunks_any_single_config_needs():
+    fast_high = RecordedCurve({"lr": 1}, (2.0, 1.2, 1.1, 1.1), chunk_flops=10.0)
+    slow_low = RecordedCurve({"lr": 2}, (3.0, 2.0, 1.05, 1.0), chunk_flops=10.0)
+    space = SearchSpace([fast_high, slow_low], max_trial_flops=40.0, chunk_flops=10.0, noise=0.0,
+                        spike_prob=0.0, spike_size=0.0)
+    assert oracle_flops_to_reach(space, 1.01) == 40.0  # only slow_low gets there, at its 4th report
+    assert oracle_flops_to_reach(space, 1.1) == 30.0  # both reach 1.1 at their 3rd report
+    assert oracle_flops_to_reach(space, 1.5) == 20.0
+    assert oracle_flops_to_reach(space, 0.9) == math.inf
 
 
 def test_recorded_space_replays_the_measured_points_and_reorders_per_seed():

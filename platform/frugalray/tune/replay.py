@@ -351,6 +351,19 @@ def replay(space: SearchSpace, method: Method, cap: float, seed: int, workers: i
     return run
 
 
+def oracle_flops_to_reach(space: SearchSpace, target: float) -> float:
+    """FLOPs an oracle that knows the curves needs to get a trial within `target`: the fewest
+    chunks any one config needs (inf if none ever does). A lower bound for every method."""
+    n_chunks = round(space.max_trial_flops / space.chunk_flops)
+    best = math.inf
+    for curve in space.curves:
+        for k in range(1, n_chunks + 1):
+            if curve.true_loss(k * space.chunk_flops) <= target:
+                best = min(best, k * space.chunk_flops)
+                break
+    return best
+
+
 def grace_flops(space: SearchSpace) -> float:
     """The grace period ASHA and marginal get: R/16, but never under two reports (one noisy eval decides nothing)."""
     return max(space.max_trial_flops / 16, 2 * space.chunk_flops)

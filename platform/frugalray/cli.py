@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--families", default=None, help="comma-separated task families")
     gen.add_argument("--noise-rate", type=float, default=None, help="fraction of rows made noisy (labelled)")
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--response-style", choices=["number", "worked"], default=None,
+                     help="number: the bare answer (default); worked: '23 + 58 = 81', which small models learn from")
 
     for name, (_, _, _, helptext) in STAGES.items():
         stage_parser = sub.add_parser(name, help=helptext)
@@ -167,7 +169,7 @@ def cmd_data_generate(args) -> int:
 
     data = read_yaml(args.config) if args.config else {}
     flags = {"output_path": args.out, "n_rows": args.n_rows, "max_digits": args.max_digits,
-             "noise_rate": args.noise_rate, "seed": args.seed,
+             "noise_rate": args.noise_rate, "seed": args.seed, "response_style": args.response_style,
              "families": args.families.split(",") if args.families else None}
     data.update({k: v for k, v in flags.items() if v is not None})
     cfg = parse_config(GenerateConfig, data, args.config or "command line")

@@ -105,6 +105,10 @@ def test_data_generate_writes_labelled_noise(tmp_path):
     rows = [json.loads(line) for line in out_path.read_text().splitlines()]
     assert len(rows) == 20
     assert sum(r["noise_kind"] != "none" for r in rows) == 5
+    worked = run_cli("data", "generate", "--out", str(tmp_path / "w.jsonl"), "--n-rows", "4",
+                     "--response-style", "worked")
+    assert worked.returncode == 0, worked.stderr[-2000:]
+    assert all(" = " in json.loads(line)["response"] for line in (tmp_path / "w.jsonl").read_text().splitlines())
 
 
 def test_serve_job_rejects_a_missing_adapter_before_ray():

@@ -63,17 +63,21 @@ def test_full_queue_answers_503_with_retry_after(served_model):
     # Seeded requests run one at a time in the ingress (the engine guard), so each holds an
     # ingress slot while the ones before it generate: ingress_max_ongoing_requests are taken,
     # max_queued_requests wait in the proxy, and the rest must be turned away at once by Serve's proxy.
+    # Each request must outlast the spread of the arrivals: with the fp32 engine a 4-token request
+    # took 0.5 s, about as long as 16 threads took to send theirs, and nothing was ever queued.
+    # Four seeded samples of 16 tokens (run one after another) hold a slot for seconds.
     cfg = served_model["config"]
     total = cfg.ingress_max_ongoing_requests + cfg.max_queued_requests + 6
     url = served_model["base_url"] + "/chat/completions"
+    client = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=total))  # one client: no per-thread set-up
 
     def send(i: int):
-        body = _chat_body(served_model, LONG_PROMPT, max_tokens=4, temperature=0.9, seed=i)
+        body = _chat_body(served_model, LONG_PROMPT, max_tokens=16, temperature=0.9, seed=i, n=4)
         start = time.time()
-        resp = httpx.post(url, json=body, headers=_auth(served_model), timeout=300)
+        resp = client.post(url, json=body, headers=_auth(served_model))
         return resp.status_code, resp.headers.get("retry-after"), time.time() - start, resp.text
 
-    with ThreadPoolExecutor(max_workers=total) as pool:
+    with client, ThreadPoolExecutor(max_workers=total) as pool:
         results = list(pool.map(send, range(total)))
     statuses = [r[0] for r in results]
     print(f"\nstatuses: {statuses}")

@@ -86,6 +86,11 @@ def test_fsdp_two_workers_follow_the_single_process_curve(ray_cluster, default_m
     result = run_finetune(fsdp_cfg, tmp_path / "run")
     assert result.fsdp and result.num_workers == 2
     assert_parity(single, result.losses, method)
+    # FSDP-friendly loading: rank 1 never holds the full-precision model (meta init + rank 0's broadcast
+    # for LoRA; rank 0's 4-bit checkpoint for QLoRA), so loading grows it far less than rank 0.
+    growth = {int(r["rank"]): r["load_growth_mb"] for r in result.host_ram_mb}
+    print(f"{method} load growth per rank (MiB): {growth}")
+    assert growth[1] < 0.7 * growth[0], growth
     # The adapter gathered from the shards is complete and loads with PEFT.
     from safetensors.torch import load_file
 

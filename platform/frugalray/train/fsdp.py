@@ -15,6 +15,13 @@ parameters: every rank keeps the full `quant_state` on the `Linear4bit` module, 
 `bitsandbytes.nn.modules.fix_4bit_weight_quant_state_from_module` re-attaches it to the
 all-gathered weight in forward. Never give FSDP a `MixedPrecisionPolicy(param_dtype=...)`
 for a 4-bit model: it would cast the packed bytes *by value* and destroy the weights.
+
+Loading: full/LoRA ranks > 0 build on the meta device and receive their shards from rank 0
+(`broadcast_from_rank0`). A 4-bit model cannot be built on meta (its layers are created by
+quantizing real weights), so `load_4bit_once_per_node` has one rank per node quantize and
+write the packed 4-bit checkpoint, and the node's other ranks load that: they skip the
+full-precision pass (the default model: about 740 MiB of growth to quantize, 160 MiB of
+4-bit file to load, bit-identical logits).
 """
 
 from __future__ import annotations
@@ -83,3 +90,46 @@ def broadcast_from_rank0(model: Any, full_state: dict[str, Any] | None, device: 
         dist.broadcast(moved, src=0)
         if moved is not buf:
             buf.copy_(moved)
+
+
+def load_4bit_once_per_node(model_path: str, compute_dtype: str) -> Any:
+    """A 4-bit model for every rank, quantized once per node (a collective: every rank calls it).
+
+    The lowest rank on each host quantizes from the original weights and saves the result
+    (safetensors: packed weights and quantization constants) to a node-local temporary
+    directory; the host's other ranks load that pre-quantized checkpoint, which transformers
+    reads without a full-precision copy. The directory is removed once everyone has loaded.
+    """
+    import shutil
+    import socket
+    import tempfile
+    import uuid
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from frugalray.models import load_causal_lm
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    hosts: list[Any] = [None] * world
+    dist.all_gather_object(hosts, socket.gethostname())
+    leader = hosts.index(hosts[rank])  # the lowest rank on this host
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    directory = Path(tempfile.gettempdir()) / f"frugalray-4bit-{token[0]}"
+    try:
+        if rank == leader:
+            model = load_causal_lm(model_path, quantize_4bit=True, compute_dtype=compute_dtype)
+            model.save_pretrained(directory)
+            log.info("rank %d quantized %s to 4 bits for its node (%s)", rank, model_path, directory)
+        dist.barrier()
+        if rank != leader:
+            # The checkpoint's config carries the quantization settings (NF4, double quant, storage, compute dtype).
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        dist.barrier()
+    finally:
+        if rank == leader:
+            shutil.rmtree(directory, ignore_errors=True)  # loaded tensors keep their own (unlinked) mapping
+    return model

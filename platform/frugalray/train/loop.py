@@ -196,7 +196,8 @@ class TrainingSession:
     # -- model ------------------------------------------------------------------------
     def _build_model(self, model_path: str):
         """Load, wrap with LoRA, enable checkpointing, shard. FSDP ranks > 0 never hold full weights
-        for full/LoRA: they build on the meta device and receive their shards from rank 0."""
+        for full/LoRA: they build on the meta device and receive their shards from rank 0. For
+        QLoRA one rank per node quantizes and the others load its 4-bit checkpoint."""
         import torch
 
         from frugalray.models import load_causal_lm
@@ -208,6 +209,10 @@ class TrainingSession:
 
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=torch.float32)
+        elif quantized and self.use_fsdp:
+            from frugalray.train.fsdp import load_4bit_once_per_node
+
+            model = load_4bit_once_per_node(model_path, self.compute_dtype)
         else:
             model = load_causal_lm(model_path, quantize_4bit=quantized, compute_dtype=self.compute_dtype)
         if quantized:

@@ -11,7 +11,8 @@ Same rows, seed, sequence length and global batch (4 rows per optimizer step) ev
 
 Host RAM of loading: for each Ray worker, its peak RSS after loading and sharding minus its RSS
 just before loading, next to the fp32 model's size (LoRA: rank 0 loads and broadcasts, ranks > 0
-build on the meta device and should hold about their shard; QLoRA: every rank loads the 4-bit model).
+build on the meta device and should hold about their shard; QLoRA: one rank per node quantizes
+and saves the 4-bit checkpoint, the others load that instead of the full-precision weights).
 
 tokens/s counts real (non-pad) tokens of timed steps only (step time measured inside the
 loop; model loading and worker start are reported separately as `startup_s`). FLOPs come
@@ -131,13 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated subset of lora,qlora (default: both; --quick: lora)")
     args = parser.parse_args(argv)
 
     from frugalray.benchmarking import print_table, write_result
     from frugalray.models import DEFAULT_MODEL, model_shape, resolve_model
     from frugalray.ray_utils import init_ray
 
-    methods = ["lora"] if args.quick else ["lora", "qlora"]
+    methods = args.methods.split(",") if args.methods else (["lora"] if args.quick else ["lora", "qlora"])
+    if not set(methods) <= {"lora", "qlora"}:
+        parser.error(f"--methods: use lora and/or qlora (got {args.methods!r})")
     steps = 4 if args.quick else 8
     global_batch, seq_len = 4, 96
     threads = os.cpu_count() or 1

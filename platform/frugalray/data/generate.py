@@ -11,10 +11,10 @@ Families:
 
 Response styles: `number` (the default above: the reply is the bare answer) or `worked`:
 "What is 23 + 58?" -> "23 + 58 = 81", "Which number is larger: 47 or 52?" -> "The larger is 52."
-A small model answers far better when it writes the equation out first (the 135M default gets
-most 1-digit sums right that way, and few as a bare number), so fine-tuning it on bare
-answers teaches a format it is bad at, and every arm of a data-selection comparison loses
-accuracy for the same reason; `worked` rows measure what the data teaches instead.
+A small model answers better when it writes the equation out first: the 135M default does so on
+its own (65% of 1-digit sums right untrained), and fine-tuning it on bare answers dropped that
+to 42% after 12 steps whatever the data, while worked rows took it above 90%. So `worked` rows
+measure what the data teaches rather than the cost of a format the model is bad at.
 
 Noise (`noise_rate` > 0) replaces exactly round(noise_rate * n_rows) rows with a corrupted
 version and labels each with its `noise_kind`, so that a data-selection method can be scored

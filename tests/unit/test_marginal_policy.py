@@ -135,10 +135,10 @@ def test_auto_lambda_pauses_a_slow_trial_for_a_better_option_and_resumes_it_late
     assert policy.trials["slow"].status == "running"
 
 
-def test_without_pausing_the_same_best_trial_keeps_running():
-    s = MarginalGainSettings(flop_cap=1e5 * G, grace_flops=2 * G, initial_trials=2, max_trial_flops=200 * G,
-                             exploration_weight=1.0)  # a new config's full index: lambda above the best's rate
-    policy = MarginalGainPolicy(s)
+def _two_fitted_and_one_pending(exploration_weight: float) -> MarginalGainPolicy:
+    """'slow' (the better curve) and 'worse' with three reports each; 'new' not started yet."""
+    policy = MarginalGainPolicy(MarginalGainSettings(flop_cap=1e5 * G, grace_flops=2 * G, initial_trials=2,
+                                                     max_trial_flops=200 * G, exploration_weight=exploration_weight))
     for tid in ("slow", "worse", "new"):
         policy.trial_added(tid)
     for tid, f in (("slow", curve(0.5, 1.0, 0.2)), ("worse", curve(1.5, 1.0, 0.5))):
@@ -146,6 +146,11 @@ def test_without_pausing_the_same_best_trial_keeps_running():
         for k in (1, 2, 3):
             policy.request(tid, G)
             policy.trial_result(tid, k * G, f(k * G))
+    return policy
+
+
+def test_without_pausing_the_same_best_trial_keeps_running():
+    policy = _two_fitted_and_one_pending(1.0)  # a new config's full index: lambda above the best's rate
     decision, _ = run_trial(policy, "slow", curve(0.5, 1.0, 0.2), max_chunks=20)
     assert decision == Decision.CONTINUE
     t = policy.trials["slow"]
@@ -153,22 +158,10 @@ def test_without_pausing_the_same_best_trial_keeps_running():
 
 
 def test_exploration_weight_scales_the_new_config_index_only():
-    def policy_with(weight):
-        policy = MarginalGainPolicy(MarginalGainSettings(flop_cap=1e5 * G, grace_flops=2 * G, initial_trials=2,
-                                                         max_trial_flops=200 * G, exploration_weight=weight))
-        for tid in ("a", "b", "new"):
-            policy.trial_added(tid)
-        for tid, f in (("a", curve(0.5, 1.0, 0.2)), ("b", curve(1.5, 1.0, 0.5))):
-            policy.admit(tid)
-            for k in (1, 2, 3):
-                policy.request(tid, G)
-                policy.trial_result(tid, k * G, f(k * G))
-        return policy
-
-    full, half = policy_with(1.0), policy_with(0.5)
+    full, half = _two_fitted_and_one_pending(1.0), _two_fitted_and_one_pending(0.5)
     assert full.new_config_index() > 0
     assert half.new_config_index() == pytest.approx(0.5 * full.new_config_index())
-    for tid in ("a", "b"):  # running trials' own indices do not depend on it
+    for tid in ("slow", "worse"):  # running trials' own indices do not depend on it
         assert half.index(half.trials[tid]) == pytest.approx(full.index(full.trials[tid]))
     with pytest.raises(ValueError, match="exploration_weight"):
         MarginalGainSettings(flop_cap=1e5 * G, grace_flops=2 * G, exploration_weight=0.0)

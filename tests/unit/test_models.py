@@ -1,5 +1,6 @@
 """Model preparation (idempotent, safe against a killed conversion) and name resolution."""
 
+import json
 import os
 import signal
 import subprocess
@@ -72,3 +73,15 @@ def test_bad_model_names_are_rejected_naming_the_field(name, expected, monkeypat
 def test_directory_without_config_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         resolve_model(str(tmp_path), field="model")
+
+
+def test_model_shape_from_config_json_matches_autoconfig(default_model_path, tmp_path):
+    from frugalray.budget.flops import ModelShape
+    from frugalray.models import load_config, model_shape
+
+    assert model_shape(default_model_path) == ModelShape.from_hf_config(load_config(default_model_path))
+    # A config.json that does not name every dimension directly goes through AutoConfig.
+    raw = json.loads((Path(default_model_path) / "config.json").read_text())
+    del raw["intermediate_size"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert model_shape(str(tmp_path)).d_ff == load_config(str(tmp_path)).intermediate_size

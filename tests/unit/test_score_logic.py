@@ -178,3 +178,49 @@ def test_pass_rate_and_difficulty_buckets():
     assert difficulty_bucket(math.nan) == ""
     with pytest.raises(ConfigError, match="hard_at"):
         parse_config(PassRateSettings, {"easy_at": 0.3, "hard_at": 0.5})
+
+
+def test_batches_sort_by_token_count_not_characters():
+    from frugalray.data.score import _length_key
+
+    rows = [
+        {"id": "b", "prompt": "a", "response": "bcd"},  # 4 characters; "a\n" + "bcd$" = 6 tokens
+        {"id": "a", "prompt": "", "response": "1234"},  # 4 characters; "1234$" = 5 tokens
+        {"id": "c", "prompt": "hello", "response": "a long answer"},  # 6 + 14 = 20 tokens
+    ]
+    key = _length_key(_CharTokenizer(), max_length=16)
+    assert [r["id"] for r in sorted(rows, key=key)] == ["a", "b", "c"]
+    assert [key(r) for r in rows] == [6, 5, 16]  # a truncated row pads like any max_length row
+    by_characters = _length_key(None, 16)  # no tokenizer (no model scorer): characters
+    assert [r["id"] for r in sorted(rows, key=by_characters)] == ["b", "a", "c"]
+
+
+def test_chunked_token_nll_matches_one_full_cross_entropy():
+    """Batches of more than NLL_CHUNK_POSITIONS labelled positions: chunking changes no NLL."""
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from frugalray.data.formatting import IGNORE_INDEX, pad_batch
+    from frugalray.data.score import NLL_CHUNK_POSITIONS, RowScorer
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    scorer = object.__new__(RowScorer)  # the scoring methods only, without loading a model from disk
+    scorer.model, scorer.fast_path, scorer.pad_id = model, True, 0
+    gen = torch.Generator().manual_seed(1)
+    examples = []
+    for n_prompt, n_response in [(20, 90), (5, 120), (40, 3)]:  # 210 labelled positions
+        ids = torch.randint(1, 97, (n_prompt + n_response,), generator=gen).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]})
+    batch = pad_batch(examples, 0)
+    assert sum(len(e["input_ids"]) - e["labels"].count(IGNORE_INDEX) for e in examples) > NLL_CHUNK_POSITIONS
+    with torch.inference_mode():
+        nll, row_of_token, n_loss = scorer._token_nll(batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        full = F.cross_entropy(logits.reshape(-1, 97), batch["labels"][:, 1:].reshape(-1), reduction="none",
+                               ignore_index=IGNORE_INDEX).view(3, -1)
+    selected = batch["labels"][:, 1:] != IGNORE_INDEX
+    assert n_loss == selected.sum(1).tolist() == [90, 120, 3]
+    assert torch.equal(row_of_token, selected.nonzero()[:, 0])
+    torch.testing.assert_close(nll, full[selected], rtol=1e-5, atol=1e-6)

@@ -133,6 +133,11 @@ def test_auto_lambda_pauses_a_slow_trial_for_a_better_option_and_resumes_it_late
     assert policy.choose_next() == "slow"  # FLOPs flow back to the paused best trial
     policy.trial_resumed("slow")
     assert policy.trials["slow"].status == "running"
+    # While "slow" runs, the paused trials worth nothing (index 0) get no FLOPs: run beside it they
+    # would spend the cap it can still use. Once nothing runs, the leftover goes to one of them.
+    assert policy.choose_next() is None
+    policy.trial_finished("slow")
+    assert policy.choose_next() in ("worse", "new")
 
 
 def _two_fitted_and_one_pending(exploration_weight: float) -> MarginalGainPolicy:

@@ -353,9 +353,19 @@ class MarginalGainPolicy:
         """
         best_id, best_index = None, -math.inf
         floor = self._floor()
+        # An option whose index is only at the floor (auto mode: zero, no gain beyond noise) gets FLOPs
+        # only when no trial is running: under a FLOP cap an idle worker costs nothing, while a worthless
+        # trial run beside the best one spends the cap it needs. (Replays on the recorded curves: at a
+        # 6R cap, index-0 trials resumed a chunk at a time filled 3 of 4 workers and starved the best
+        # config at 6 of its 16 reports.)
+        idle = not any(t.status == "running" for t in self.trials.values())
+
+        def worth(index: float) -> bool:
+            return index > floor or (index >= floor and (floor > 0 or idle))
+
         new_index = self.new_config_index() if self.can_admit() else -math.inf
         pending = [t for t in self.trials.values() if t.status == "pending"]
-        if pending and new_index >= floor:
+        if pending and worth(new_index):
             best_id, best_index = pending[0].trial_id, new_index
         best_key = (best_index, -math.inf)
         for t in self.trials.values():
@@ -364,7 +374,7 @@ class MarginalGainPolicy:
                 # Ties (typically all zero) go to the lowest optimistic end point.
                 end = t.spent + self._horizons(t)[-1] if self._horizons(t).size else t.spent
                 key = (index, -float(self._optimistic(t.fit, np.array([end]))[0]) if t.fit else -math.inf)
-                if index >= floor and key > best_key:
+                if worth(index) and key > best_key:
                     best_id, best_key = t.trial_id, key
         return best_id
 

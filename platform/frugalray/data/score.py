@@ -1,7 +1,7 @@
 """Score every row of a dataset by a reference model's perplexity, with Ray Data.
 
 Flow: `load_records` (preflight + quarantine, in the driver, before any Ray work) ->
-quarantine written as JSONL with reasons -> rows sorted by length (so a batch pads little)
+quarantine written as JSONL with reasons -> each shard's rows sorted by token count (so a batch pads little)
 -> `ray.data.from_items` -> `map_batches(PerplexityScorer)` on a fixed pool of actors, each
 loading the tokenizer and model once -> Parquet. Columns added per row:
 

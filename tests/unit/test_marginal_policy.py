@@ -140,6 +140,23 @@ def test_auto_lambda_pauses_a_slow_trial_for_a_better_option_and_resumes_it_late
     assert policy.choose_next() in ("worse", "new")
 
 
+def test_when_every_option_is_worth_nothing_an_untried_config_goes_before_a_paused_one():
+    policy = MarginalGainPolicy(MarginalGainSettings(flop_cap=100 * G, grace_flops=G, pausable=True))
+    for tid in ("done", "paused", "untried"):
+        policy.trial_added(tid)
+    for tid in ("done", "paused"):
+        policy.admit(tid)
+        policy.request(tid, G)
+        policy.trial_result(tid, G, 1.0)
+    policy.trials["done"].status, policy.trials["paused"].status = "done", "paused"  # nothing runs now
+    # The indices this tie-break is about, set directly (reaching exact zeros through curves is fragile).
+    policy._changed()
+    policy._memo.update({"new": 0.0, "index:paused": 0.0})
+    assert policy.choose_next() == "untried"
+    policy._memo.update({"index:paused": 1e-12})  # a paused trial still worth something goes first
+    assert policy.choose_next() == "paused"
+
+
 def _two_fitted_and_one_pending(exploration_weight: float) -> MarginalGainPolicy:
     """'slow' (the better curve) and 'worse' with three reports each; 'new' not started yet."""
     policy = MarginalGainPolicy(MarginalGainSettings(flop_cap=1e5 * G, grace_flops=2 * G, initial_trials=2,

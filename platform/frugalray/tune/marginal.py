@@ -367,7 +367,8 @@ class MarginalGainPolicy:
         pending = [t for t in self.trials.values() if t.status == "pending"]
         if pending and worth(new_index):
             best_id, best_index = pending[0].trial_id, new_index
-        best_key = (best_index, -math.inf)
+        # At equal index an untried config goes first: its value is unknown, a paused trial's was judged.
+        best_key = (best_index, math.inf if best_id is not None else -math.inf)
         for t in self.trials.values():
             if t.status == "paused" and self.remaining > 0:
                 index = self.index(t)

@@ -157,6 +157,25 @@ def test_when_every_option_is_worth_nothing_an_untried_config_goes_before_a_paus
     assert policy.choose_next() == "paused"
 
 
+@pytest.mark.parametrize("pausable", [True, False])
+def test_a_best_trial_that_stopped_improving_is_paused_for_leftover_flops_when_pausable(pausable):
+    # Recorded replays: the best config (its loss rises mid-run, then falls) was stopped for good at half
+    # its schedule while worse trials were only paused, and the leftover FLOPs went to those.
+    policy = MarginalGainPolicy(MarginalGainSettings(flop_cap=100 * G, grace_flops=2 * G, pausable=pausable,
+                                                     max_trial_flops=50 * G))
+    policy.trial_added("best")
+    policy.admit("best")
+    decision, flops = run_trial(policy, "best", lambda c: 1.0, max_chunks=20)  # flat: rate 0
+    assert policy.self_rate(policy.trials["best"]) == 0 and flops < 50 * G
+    if not pausable:
+        assert decision == Decision.STOP and policy.choose_next() is None
+        return
+    assert decision == Decision.PAUSE
+    assert policy.choose_next() == "best"  # nothing runs: the leftover goes back to it
+    policy.trial_resumed("best")
+    assert policy.trials["best"].status == "running"
+
+
 def _two_fitted_and_one_pending(exploration_weight: float) -> MarginalGainPolicy:
     """'slow' (the better curve) and 'worse' with three reports each; 'new' not started yet."""
     policy = MarginalGainPolicy(MarginalGainSettings(flop_cap=1e5 * G, grace_flops=2 * G, initial_trials=2,

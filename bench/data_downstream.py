@@ -1,24 +1,34 @@
 """Downstream value of selection: LoRA fine-tunes on all noisy data vs a random half vs frugalray's half.
 
-    python bench/data_downstream.py            # full: 400 rows, 1 epoch, batch 8 (about 15 min alone on 2 cores)
-    python bench/data_downstream.py --quick    # 64 rows, batch 4, 8 eval questions per difficulty
+    python bench/data_downstream.py            # full: 400 rows, 1 epoch, batch 8, 3 training seeds (about 50 min)
+    python bench/data_downstream.py --quick    # 64 rows, batch 4, 8 eval questions per difficulty, 1 seed
 
 Data: generated verifiable tasks (1-2 digit sums and differences, worked responses
 "23 + 58 = 81") with 20% labelled noise of every kind. frugalray's half: one real scoring run (Ray Data: perplexity, heuristics,
 duplicates and the verifier against each task's reference answer, with the Ray Data job's operator
 in process: bench/_data_common.py) and `select` keeping 50% of the rows with dedup, the degenerate /
 garbage / wrong-answer filters and the lowest perplexity first. The random half: `select` with strategy random, 50%.
+Two more arms use the same filters: "frugalray stratified" (coverage by perplexity strata) and
+"frugalray auto" (`strategy: auto`: a costed proxy experiment over keep-easy / keep-hard / middle /
+stratified / random, judged by response loss on a separate clean validation set that shares no
+question with the test set). The auto arm is the target's arm from the 3-seed runs on: it is what
+frugalray itself decides for this budget, declared before any run of it (the single-seed runs
+before judged "lowest perplexity", the arm "frugalray lowest").
 
 Training: the project's own loop (`frugalray.train.loop.LoraTrainingSession`, LoRA, fp32
-compute, same seed, batch and learning rate for every arm) for one epoch over each arm's
-data, so (a) spends about twice the training FLOPs of (b) and (c). Every arm is evaluated at
+compute, same batch and learning-rate recipe for every arm: 10% warmup, then linear decay to
+zero at the end of the arm's one epoch) over each arm's data, so (a) spends about twice the
+training FLOPs of (b) and (c). With a constant LR, accuracy at the last checkpoint swung by 5-10
+points between neighbouring checkpoints of one run, more than the arms differed, so the LR now
+decays and each arm is trained with several seeds (data order and LoRA init; paired: seed k is
+the same for every arm) and judged by its mean. Every arm is evaluated at
 a few checkpoints (and at step 0, shared) on the same clean held-out questions of each
 difficulty (`generate.make_eval_set`, unseen instructions), by greedy generation with
 transformers and exact match (`generate.is_correct`). FLOPs come from the training loop
 (`budget.flops`). The plot is accuracy vs training FLOPs (bench/results/data_downstream.png).
 
-Targets: (c) at half the FLOPs >= (a) at all of them, and (c) > (b) at equal FLOPs.
-One seed of small fine-tunes: differences of a question or two are within noise.
+Targets (means over seeds): (c) at half the FLOPs >= (a) at all of them, and (c) > (b) at equal
+FLOPs. The per-seed spread is reported next to each mean: a gap smaller than it is noise.
 """
 
 from __future__ import annotations
@@ -71,23 +81,41 @@ def accuracy(session, eval_rows: list[dict], max_new_tokens: int = 16, show: int
     return {level: sum(v) / len(v) for level, v in sorted(by_level.items())}
 
 
-def train_arm(name: str, model_path: str, rows: list[dict], eval_rows: list[dict], cfg: dict, checkpoints: int) -> list[dict]:
-    """One epoch over `rows`; accuracy at `checkpoints` evenly spaced steps. Returns the curve."""
+def train_arm(name: str, model_path: str, rows: list[dict], eval_rows: list[dict], cfg: dict, checkpoints: int,
+              seed: int) -> list[dict]:
+    """One epoch over `rows` with `seed`; accuracy at `checkpoints` evenly spaced steps. Returns the curve.
+
+    The LR schedule spans exactly this arm's epoch (10% warmup, linear decay to zero), so
+    every arm ends at a settled point whatever its length."""
     from frugalray.train.loop import LoraTrainingSession
 
-    session = LoraTrainingSession(cfg, model_path, [{"prompt": r["prompt"], "response": r["response"]} for r in rows], [])
-    steps = max(1, round(len(session.train_examples) / cfg["batch_size"]))
+    steps = max(1, round(len(rows) / cfg["batch_size"]))
+    arm_cfg = {**cfg, "seed": seed, "max_steps": steps, "lr_scheduler": "linear", "warmup_steps": max(1, steps // 10)}
+    session = LoraTrainingSession(arm_cfg, model_path, [{"prompt": r["prompt"], "response": r["response"]} for r in rows], [])
+    steps = max(1, round(len(session.train_examples) / cfg["batch_size"]))  # rows that kept a loss token
     marks = sorted({max(1, round(steps * k / checkpoints)) for k in range(1, checkpoints + 1)})
     curve, flops, started = [], 0.0, time.time()
     for step in range(1, steps + 1):
         flops += session.step().flops
         if step in marks:
             acc = accuracy(session, eval_rows)
-            curve.append({"arm": name, "step": step, "train_flops": flops, "accuracy": sum(acc.values()) / len(acc),
-                          **{f"acc_d{k}": v for k, v in acc.items()}})
-            print(f"  {name}: step {step}/{steps}, {flops:.3e} FLOPs, accuracy {acc} ({time.time() - started:.0f}s)",
-                  flush=True)
+            curve.append({"arm": name, "seed": seed, "step": step, "train_flops": flops,
+                          "accuracy": sum(acc.values()) / len(acc), **{f"acc_d{k}": v for k, v in acc.items()}})
+            print(f"  {name} (seed {seed}): step {step}/{steps}, {flops:.3e} FLOPs, accuracy {acc} "
+                  f"({time.time() - started:.0f}s)", flush=True)
     return curve
+
+
+def mean_curve(runs: list[list[dict]]) -> list[dict]:
+    """Checkpoint-by-checkpoint mean over seeds (every seed of an arm has the same step marks),
+    with the per-seed spread of the accuracy."""
+    out = []
+    for points in zip(*runs):
+        accs = [p["accuracy"] for p in points]
+        mean = {k: sum(p[k] for p in points) / len(points) for k in points[0] if k.startswith("acc") or k == "train_flops"}
+        out.append({"arm": points[0]["arm"], "step": points[0]["step"], **mean,
+                    "acc_min": min(accs), "acc_max": max(accs), "seeds": len(points)})
+    return out
 
 
 def plot(curves: dict[str, list[dict]], base: dict, path: Path) -> None:
@@ -96,22 +124,23 @@ def plot(curves: dict[str, list[dict]], base: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, curve in curves.items():
         xs = [0.0] + [p["train_flops"] for p in curve]
         ys = [base["accuracy"]] + [p["accuracy"] for p in curve]
-        ax.plot(xs, ys, marker="o", label=name)
+        line, = ax.plot(xs, ys, marker="o", label=name)
+        ax.vlines(xs[1:], [p["acc_min"] for p in curve], [p["acc_max"] for p in curve], color=line.get_color(), alpha=0.4)
+    seeds = max(p["seeds"] for c in curves.values() for p in c)
     ax.set_xlabel("training FLOPs")
-    ax.set_ylabel("held-out accuracy (mean over difficulties)")
-    ax.set_title("LoRA on noisy tasks: all vs random half vs frugalray half")
-    ax.legend()
+    ax.set_ylabel(f"held-out accuracy (mean of {seeds} seeds; bars: range)")
+    ax.set_title("LoRA on noisy tasks: all vs random half vs frugalray halves")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-
-def run(quick: bool) -> dict:
+def run(quick: bool, seeds: int) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _data_common import score_in_process
 
@@ -121,7 +150,7 @@ def run(quick: bool) -> dict:
     from frugalray.train.loop import LoraTrainingSession
 
     # 100 held-out questions per difficulty: with 40, one question moved an arm by 1.25 points.
-    n_rows, batch, per_level, checkpoints = (64, 4, 8, 2) if quick else (400, 8, 100, 4)
+    n_rows, batch, per_level, checkpoints = (64, 4, 8, 2) if quick else (400, 8, 100, 2)
     started = time.time()
     model_path = resolve_model(DEFAULT_MODEL)
     work = Path(tempfile.mkdtemp(prefix="downstream_"))
@@ -139,25 +168,38 @@ def run(quick: bool) -> dict:
         unseen = {r["instruction"]: r for r in pool
                   if r["difficulty"] == level and r["instruction"] not in train_instructions}
         eval_rows += list(unseen.values())[:per_level]
+    # strategy auto's validation set: clean 2-digit questions (the 1-digit space is used up by the
+    # training and test rows), none of them a test question, so the test set stays unseen by selection.
+    test_instructions = {r["instruction"] for r in eval_rows}
+    validation = [r for r in make_eval_set(64, seed=900, max_digits=2, response_style=STYLE,
+                                           exclude_instructions=train_instructions | test_instructions)
+                  if r["instruction"] not in test_instructions and r["instruction"] not in train_instructions][:32]
+    write_rows(validation, work / "validation.jsonl")
 
     scored = score_in_process(work / "tasks.jsonl", work / "scored", ("perplexity", "heuristics", "verifier"),
                               dedup_threshold=0.5)
+    filters = {"dedup": True, "drop_degenerate": True, "max_garbage_ratio": 0.2, "drop_wrong_answer": True}
     arms_cfg = {
         "random half": {"strategy": "random"},
-        "frugalray half": {"strategy": "lowest", "score": "perplexity", "dedup": True, "drop_degenerate": True,
-                           "max_garbage_ratio": 0.2, "drop_wrong_answer": True},
+        "frugalray lowest": {"strategy": "lowest", "score": "perplexity", **filters},
         # The same filters, then coverage (perplexity strata) instead of "lowest first". Added after the
         # first full run (lowest 0.675 vs random 0.7375 on 40 + 40 questions); not the pre-declared arm.
-        "frugalray stratified": {"strategy": "stratified", "score": "perplexity", "dedup": True,
-                                 "drop_degenerate": True, "max_garbage_ratio": 0.2, "drop_wrong_answer": True},
+        "frugalray stratified": {"strategy": "stratified", "score": "perplexity", **filters},
+        "frugalray auto": {"strategy": "auto", "score": "perplexity", **filters,
+                           "auto": {"metric": "loss", "eval_path": str(work / "validation.jsonl"),
+                                    "eval_rows": len(validation), "proxy_steps": 4 if quick else 12,
+                                    "batch_size": batch, "seq_len": 64}},
     }
     fraction = min(1.0, round(0.5 * n_rows) / scored["rows_scored"])
-    data = {"all noisy": None}
+    data, selections = {"all noisy": None}, {}
     for name, fields in arms_cfg.items():
         out = work / f"{name.replace(' ', '_')}.jsonl"
-        run_select(parse_config(SelectConfig, {"input_path": str(work / "scored"), "output_path": str(out),
-                                               "keep_fraction": fraction, "histograms": False, "seed": 1, **fields}), work)
+        result = run_select(parse_config(SelectConfig, {"input_path": str(work / "scored"), "output_path": str(out),
+                                                        "keep_fraction": fraction, "histograms": False, "seed": 1,
+                                                        **fields}), work)
+        selections[name] = {"strategy": result.strategy, "score": result.score, "selection_flops": result.auto_flops}
         data[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    print(f"strategy auto chose: {selections['frugalray auto']}", flush=True)
     from frugalray.data.loaders import FieldMapping, load_records
 
     data["all noisy"] = load_records(work / "tasks.jsonl", FieldMapping()).rows  # what the loader accepts
@@ -171,56 +213,89 @@ def run(quick: bool) -> dict:
     base = {"accuracy": sum(base_acc.values()) / len(base_acc), **{f"acc_d{k}": v for k, v in base_acc.items()}}
     del base_session
     print(f"untrained: {base_acc}", flush=True)
-    curves = {name: train_arm(name, model_path, rows, eval_rows, cfg, checkpoints) for name, rows in data.items()}
+
+    # An arm whose rows equal another's (auto picking a strategy that is also an arm) trains
+    # identically with the same seed: reuse that run instead of repeating it.
+    runs: dict[str, list[list[dict]]] = {}
+    trained: dict[tuple, str] = {}
+    for name, rows in data.items():
+        key = tuple((r["prompt"], r["response"]) for r in rows)
+        if key in trained:
+            runs[name] = [[{**p, "arm": name} for p in curve] for curve in runs[trained[key]]]
+            print(f"  {name}: the same rows as {trained[key]}; its runs are reused", flush=True)
+            continue
+        trained[key] = name
+        runs[name] = [train_arm(name, model_path, rows, eval_rows, cfg, checkpoints, seed) for seed in range(seeds)]
+    curves = {name: mean_curve(r) for name, r in runs.items()}
 
     def final(name):
         return curves[name][-1]
+
+    def finals(name):  # the last checkpoint of every seed
+        return [curve[-1]["accuracy"] for curve in runs[name]]
 
     def at_flops(name, flops):  # the last checkpoint within a FLOP level (the untrained model if none)
         within = [p for p in curves[name] if p["train_flops"] <= flops * 1.05]
         return within[-1] if within else {"accuracy": base["accuracy"], "train_flops": 0.0}
 
-    a, b, c, d = final("all noisy"), final("random half"), final("frugalray half"), final("frugalray stratified")
+    judged = "frugalray auto"
+    a, b, c = final("all noisy"), final("random half"), final(judged)
     a_at_c = at_flops("all noisy", c["train_flops"])
+    paired = [x - y for x, y in zip(finals(judged), finals("random half"))]
     metrics = {
+        "seeds": seeds,
         "acc_untrained": base["accuracy"], "acc_all": a["accuracy"], "acc_random_half": b["accuracy"],
         "acc_frugalray_half": c["accuracy"], "acc_all_at_half_flops": a_at_c["accuracy"],
         "flops_all": a["train_flops"], "flops_random_half": b["train_flops"], "flops_frugalray_half": c["train_flops"],
         "flops_ratio_frugalray_vs_all": c["train_flops"] / a["train_flops"],
+        "selection_flops_frugalray_half": selections[judged]["selection_flops"],
         "frugalray_minus_all": c["accuracy"] - a["accuracy"],
         "frugalray_minus_random": c["accuracy"] - b["accuracy"],
-        "acc_frugalray_stratified": d["accuracy"], "flops_frugalray_stratified": d["train_flops"],
-        "stratified_minus_all": d["accuracy"] - a["accuracy"],
-        "stratified_minus_random": d["accuracy"] - b["accuracy"],
-        **{f"{k}_{arm}": v for arm, p in (("all", a), ("random", b), ("frugalray", c), ("stratified", d))
-           for k, v in p.items() if k.startswith("acc_d")},
+        "frugalray_minus_random_per_seed": paired,
+        **{f"acc_final_per_seed_{name.replace(' ', '_')}": finals(name) for name in runs},
+        **{f"arm_{name.replace(' ', '_')}_{k}": v for name in runs for k, v in final(name).items()
+           if k.startswith("acc")},
     }
     png = RESULTS_DIR / "data_downstream.png"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     plot(curves, base, png)
     wall = time.time() - started
     config = {"quick": quick, "n_rows": n_rows, "noise_rate": 0.2, "rows_scored": scored["rows_scored"],
-              "rows_per_arm": {k: len(v) for k, v in data.items()}, "eval_per_difficulty": {level: sum(r["difficulty"] == level for r in eval_rows) for level in (1, 2)},
-              "finetune": cfg, "epochs": 1, "checkpoints": checkpoints, "curves": curves, "plot": str(png),
+              "seeds": seeds, "judged_arm": judged, "selections": selections,
+              "rows_per_arm": {k: len(v) for k, v in data.items()},
+              "eval_per_difficulty": {level: sum(r["difficulty"] == level for r in eval_rows) for level in (1, 2)},
+              "validation_rows_for_auto": len(validation),
+              "finetune": {**cfg, "lr_scheduler": "linear", "warmup_steps": "10% of the arm's steps",
+                           "max_steps": "one epoch of the arm"},
+              "epochs": 1, "checkpoints": checkpoints, "curves": curves, "runs": runs, "plot": str(png),
               "wall_s": round(wall, 1),
               "noise_in_arms": {k: sum(r.get("noise_kind", "none") != "none" for r in v) for k, v in data.items()},
               "two_digit_rows_in_arms": {k: sum(int(r.get("difficulty", 0)) == 2 for r in v) for k, v in data.items()}}
     write_result("data_downstream", config, metrics,
                  {"frugalray_minus_all": ">= 0", "frugalray_minus_random": "> 0", "flops_ratio_frugalray_vs_all": "<= 0.55"})
-    print(f"{n_rows} rows (20% noise), {len(eval_rows)} held-out questions; {wall:.0f}s; plot {png}")
+    print(f"{n_rows} rows (20% noise), {len(eval_rows)} held-out questions, {seeds} seed(s); {wall:.0f}s; plot {png}")
+    print(f"judged arm: {judged} (strategy auto chose {selections[judged]['strategy']} {selections[judged]['score']}); "
+          f"minus random per seed: {', '.join(f'{d:+.3f}' for d in paired)}")
     rows = [{"arm": "untrained", "rows": 0, "noisy rows": 0, "train FLOPs": 0.0, **base}]
-    for name, p in (("all noisy", a), ("random half", b), ("frugalray half", c), ("frugalray stratified", d)):
+    for name in runs:
+        p = final(name)
         rows.append({"arm": name, "rows": len(data[name]), "noisy rows": config["noise_in_arms"][name],
-                     "train FLOPs": p["train_flops"], **{k: v for k, v in p.items() if k.startswith("acc")}})
-    print_table(rows, ["arm", "rows", "noisy rows", "train FLOPs", "accuracy", "acc_d1", "acc_d2"])
+                     "train FLOPs": p["train_flops"], "accuracy": p["accuracy"], "min": p["acc_min"],
+                     "max": p["acc_max"], "acc_d1": p["acc_d1"], "acc_d2": p["acc_d2"]})
+    print_table(rows, ["arm", "rows", "noisy rows", "train FLOPs", "accuracy", "min", "max", "acc_d1", "acc_d2"])
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="64 rows, 8 questions per difficulty")
+    parser.add_argument("--quick", action="store_true", help="64 rows, 8 questions per difficulty, 1 seed")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="training seeds per arm (paired across arms); default 3, or 1 with --quick")
     args = parser.parse_args(argv)
-    run(args.quick)
+    seeds = args.seeds or (1 if args.quick else 3)
+    if seeds < 1:
+        parser.error("--seeds: must be at least 1")
+    run(args.quick, seeds)
     return 0
 
 

@@ -59,5 +59,10 @@ def test_auto_strategy_runs_candidates_picks_the_best_and_costs_it(tmp_path, def
     (entry,) = ComputeLedger(tmp_path / "run").entries()
     spent = sum(c["train_flops"] + c["eval_flops"] for c in ran)
     assert entry["stage"] == "select" and entry["flops"] == result.auto_flops == auto["flops"] > spent
+    # What the proxy cost next to the training it selects for (one epoch on the kept rows).
+    won = table[auto["winner"]]
+    epoch = won["kept_tokens"] * won["train_flops"] / won["train_tokens"]
+    assert auto["proxy_over_one_epoch"] == pytest.approx(auto["flops"] / epoch)
+    assert "x one training epoch on the kept rows" in auto["why"]
     md = Path(result.markdown_report_path).read_text()
     assert "## strategy: auto" in md and "| keep-hard |" in md

@@ -202,6 +202,16 @@ def test_run_select_flop_budget_filters_and_markdown_report(tmp_path, default_mo
     assert "### garbage: examples" in md and "| r2 |" in md and "rows in: 8 = kept" in md
 
 
+def test_one_epoch_flops_scales_the_proxy_cost_per_token_to_the_kept_rows():
+    from frugalray.data.auto_select import CandidateResult, one_epoch_flops
+
+    trained = CandidateResult("keep-easy", "lowest", "perplexity", kept=40, kept_tokens=4000, train_rows=40,
+                              steps=2, train_tokens=500, train_flops=3e12)
+    assert one_epoch_flops(trained) == pytest.approx(4000 * 3e12 / 500)
+    skipped = CandidateResult("by-ifd", "lowest", "ifd", 0, 0, 0, skipped="no ifd column")
+    assert one_epoch_flops(skipped) is None
+
+
 def test_markdown_report_shows_auto_table():
     report = {
         "strategy": "lowest", "score": "perplexity", "rows_in": 3, "kept": 1, "dropped": 2, "kept_tokens": 5,

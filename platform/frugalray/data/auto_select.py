@@ -119,6 +119,7 @@ class AutoOutcome:
     heldout_rows: int
     heldout_source: str
     wall_s: float = 0.0
+    proxy_over_one_epoch: float | None = None  # the proxy's FLOPs / one epoch of training on the winner's rows
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -134,6 +135,7 @@ class AutoOutcome:
             "heldout_rows": self.heldout_rows,
             "heldout_source": self.heldout_source,
             "wall_s": round(self.wall_s, 2),
+            "proxy_over_one_epoch": self.proxy_over_one_epoch,
             "candidates": [asdict(c) for c in self.table],
         }
 
@@ -143,6 +145,14 @@ def session_config(**fields: Any) -> dict[str, Any]:
     from frugalray.train.finetune import FinetuneConfig
 
     return FinetuneConfig.model_validate({"data_path": "-", "lora_dropout": 0.0, **fields}).model_dump(mode="json")
+
+
+def one_epoch_flops(result: CandidateResult) -> float | None:
+    """Estimated FLOPs of one training epoch over a candidate's kept rows, at the training cost per
+    token its proxy fine-tune measured (None when it did not train)."""
+    if result.skipped or result.train_tokens <= 0 or result.train_flops <= 0:
+        return None
+    return result.kept_tokens * result.train_flops / result.train_tokens
 
 
 def choose_winner(results: list[CandidateResult], metric: str) -> tuple[int, str]:
@@ -290,8 +300,17 @@ def run_auto_proxy(rows: list[dict[str, Any]], settings: AutoSettings, select_kw
     if reference is not None:
         why += f"; untrained model {reference:.4g}"
     why += f" ({settings.proxy_steps} proxy steps x batch {settings.batch_size} per candidate, one seed)"
+    # The proxy is paid out of the same compute as the training it selects for: say what it cost in
+    # those units. In bench/data_downstream.py (5 candidates x 12 steps) it cost 1.5x training on all rows.
+    epoch = one_epoch_flops(results[best])
+    ratio = total_flops / epoch if epoch else None
+    if ratio is not None:
+        why += f"; the proxy cost {ratio:.2g}x one training epoch on the kept rows"
+        if ratio > 1:
+            log.warning("strategy auto: the proxy experiment cost %.2gx one training epoch on the rows it kept; "
+                        "lower auto.proxy_steps or the number of candidates, or use a fixed strategy", ratio)
     return AutoOutcome(
         winner=winner, metric=settings.metric, table=results, untrained_eval_loss=untrained_loss,
         untrained_accuracy=untrained_acc, flops=total_flops, why=why, heldout_rows=len(heldout),
-        heldout_source=source, wall_s=time.time() - started,
+        heldout_source=source, wall_s=time.time() - started, proxy_over_one_epoch=ratio,
     )

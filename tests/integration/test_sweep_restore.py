@@ -148,3 +148,45 @@ def test_asha_and_marginal_sweeps_stay_under_the_cap_and_report_a_ladder(
     for name in ("ladder_json", "ladder_markdown", "ladder_png", "scaling"):
         assert Path(result.reports[name]).stat().st_size > 100
     assert "| cap (FLOPs) |" in Path(result.reports["ladder_markdown"]).read_text()
+
+
+@pytest.mark.slow
+def test_marginal_sweep_pauses_trials_and_resumes_them_where_they_stopped(ray_cluster, default_model_path, tmp_path):
+    # One trial at a time (the default): without pausing, the first config would be trained out before
+    # the others were tried. With checkpoints at every report the scheduler screens each config for
+    # its grace period, pauses it, and resumes the promising ones from their checkpoints.
+    raw = tiny_sweep(tmp_path, default_model_path, [3e-3, 1e-5, 3e-4], max_steps=8, cap_chunks=16,
+                     scheduler="marginal", grace_period_flops=None)
+    cfg = parse_config(SweepConfig, raw)
+    assert cfg.pause_trials and cfg.max_concurrent_trials == 1
+    result = run_sweep(cfg, tmp_path / "run")
+
+    assert all(t.error is None for t in result.trials), [t.error for t in result.trials]
+    assert 0 < result.flops_spent <= cfg.flop_cap
+    (entry,) = [e for e in ComputeLedger(tmp_path / "run").entries() if e["stage"] == "sweep"]
+    assert entry["flops_held_open"] == pytest.approx(0.0, abs=1e-6 * cfg.flop_cap), entry
+    # Every report in the order the sweep spent its FLOPs: (sweep FLOPs, trial, step, trial FLOPs).
+    events = sorted((sf, h["trial_id"], int(step), fl) for h in result.histories
+                    for sf, step, fl in zip(h["sweep_flops"], h["step"], h["flops"]) if step > 0)
+    order = [tid for _, tid, _, _ in events]
+    print("\nreports in spend order:", [(tid[-5:], step) for _, tid, step, _ in events])
+    assert len(set(order)) == 3, "every config got its grace period before any was trained out"
+    resumed = []
+    for h in result.histories:
+        trained = [i for i, c in enumerate(h["chunk_flops"]) if c > 0]  # a refusal at resumption trains nothing
+        steps = [int(h["step"][i]) for i in trained]
+        # A paused trial continues its own count: no step is trained twice, none skipped.
+        assert steps == list(range(1, len(steps) + 1)), (h["trial_id"], h["step"])
+        flops = [h["flops"][i] for i in trained]
+        assert flops == sorted(flops) and len(set(flops)) == len(flops)
+        spent_at = [h["sweep_flops"][i] for i in trained]
+        others = [sf for g in result.histories if g is not h
+                  for sf, c in zip(g["sweep_flops"], g["chunk_flops"]) if c > 0]
+        if any(spent_at[0] < sf < spent_at[-1] for sf in others):  # it waited while others trained
+            resumed.append(h["trial_id"])
+        # The trial's result is its real last metric, not a placeholder from a refused resumption.
+        finite = [m for m in h["metric"] if m is not None]
+        assert finite and h["metric"][-1] == finite[-1]
+    assert resumed, "no trial was paused and resumed"
+    paused = [t for t in result.trials if 0 < t.steps < cfg.max_steps_per_trial and not t.stopped_by_cap]
+    assert not paused or result.flops_spent > 0.8 * cfg.flop_cap, "a trial was left paused with budget to spare"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from types import SimpleNamespace
 
 import pytest
@@ -116,6 +117,36 @@ def test_pause_becomes_stop_unless_the_trainable_can_resume():
             assert set(seen) == {TrialScheduler.CONTINUE}
 
 
+def test_a_trials_final_report_is_never_paused_and_ends_it():
+    # The same situation as above where a pausable scheduler pauses the best trial, but the report
+    # is the trainable's last (schedule done or cap refused): it carries no checkpoint, so a pause
+    # there would resume from the report before and train the last chunk twice.
+    sched = make(cap=1e5 * G, grace=3 * G, initial_trials=2, max_trial_flops=200 * G, pausable=True)
+    trials = [fake_trial(t) for t in ("slow", "worse", "new")]
+    ctl = FakeController(trials)
+    for t in trials:
+        sched.on_trial_add(ctl, t)
+    curves = {"slow": lambda c: 0.5 + (c / G) ** -0.2, "worse": lambda c: 1.5 + (c / G) ** -0.5}
+    for t in trials[:2]:
+        assert sched.choose_trial_to_run(ctl) is t
+        t.status = Trial.RUNNING
+        for k in (1, 2):
+            sched.on_trial_result(ctl, t, {"flops": k * G, "eval_loss": curves[t.trial_id](k * G), "final": False})
+    for k in range(3, 60):
+        result = {"flops": k * G, "eval_loss": curves["slow"](k * G), "final": False}
+        probe = pickle.loads(pickle.dumps(sched))  # what the decision would be at a report that is not the last
+        if probe.on_trial_result(ctl, trials[0], result) == TrialScheduler.PAUSE:
+            break
+        assert sched.on_trial_result(ctl, trials[0], result) == TrialScheduler.CONTINUE
+    else:
+        raise AssertionError("the setup never reaches a pause")
+    assert sched.on_trial_result(ctl, trials[0], {**result, "final": True}) == TrialScheduler.CONTINUE
+    assert sched.policy.trials["slow"].status == "done"
+    # ... so it is never offered to run again.
+    trials[0].status = Trial.PAUSED
+    assert sched.choose_trial_to_run(ctl) is not trials[0]
+
+
 def test_missing_metric_or_mode_is_refused_when_trials_arrive():
     sched = MarginalGainScheduler(flop_cap=10 * G, grace_flops=G)
     with pytest.raises(ValueError, match="metric and mode"):
@@ -156,3 +187,53 @@ def test_fit_stopper_ends_the_sweep_once_no_option_is_predicted_to_gain(tmp_path
         steep("a", {"flops": k * G, "eval_loss": 1 + 3 * k**-0.7, "sweep_flops": k * G, "step": k})
         steep("b", {"flops": k * G, "eval_loss": 2 + 3 * k**-0.7, "sweep_flops": 8 * G + k * G, "step": k})
     assert not steep.stop_all()
+
+
+def test_max_running_counts_running_and_pending_trials_not_paused_ones():
+    from frugalray.tune.scheduler import GatedVariantGenerator
+
+    sched = make(cap=1e5 * G, grace=3 * G, pausable=True, max_running=1)
+    trials = [fake_trial(t) for t in ("a", "b", "c")]
+    ctl = FakeController(trials[:1])
+    gen = GatedVariantGenerator(sched)
+    assert not sched.at_capacity()  # no controller seen yet: the first trial is created
+    sched.on_trial_add(ctl, trials[0])
+    assert sched.at_capacity() and gen.next_trial() is None  # "a" is pending: no second trial yet
+    trials[0].status = Trial.RUNNING
+    assert sched.at_capacity()
+    trials[0].status = Trial.PAUSED  # a paused trial frees its slot: the next config may start
+    assert not sched.at_capacity()
+    ctl.trials = trials
+    for t in trials[1:]:
+        sched.on_trial_add(ctl, t)
+    trials[1].status = Trial.RUNNING
+    assert sched.choose_trial_to_run(ctl) is None  # "a" waits while "b" runs
+    # The generator's saved state leaves the live scheduler out, and a restore keeps it.
+    state = gen.get_state()
+    assert state is False or "_gate" not in state
+    if state:
+        gen.set_state(state)
+        assert gen._gate is sched
+    assert pickle.loads(pickle.dumps(sched))._controller is None
+
+
+def test_a_config_not_created_yet_is_an_option_the_running_trial_is_paused_for():
+    from frugalray.tune.scheduler import NEXT_CONFIG
+
+    sched = make(cap=1e5 * G, grace=3 * G, pausable=True, max_running=1, max_trial_flops=200 * G)
+    trial = fake_trial("a")
+    ctl = FakeController([trial])
+    sched.configs_waiting(True)  # the generator holds more configs
+    assert sched.wants_new_config()
+    sched.on_trial_add(ctl, trial)
+    assert not sched.wants_new_config()  # "a" is pending: its slot is taken
+    trial.status = Trial.RUNNING
+    decisions = [sched.on_trial_result(ctl, trial, {"flops": k * G, "eval_loss": 0.5 + k ** -0.3}) for k in range(1, 8)]
+    # Alone, an improving trial would run on; with an untried config waiting it is paused after its grace.
+    assert TrialScheduler.PAUSE in decisions
+    assert decisions[:3] == [TrialScheduler.CONTINUE] * 3
+    trial.status = Trial.PAUSED
+    assert sched.wants_new_config() and sched.choose_trial_to_run(ctl) is None  # the new config goes first
+    sched.configs_waiting(False)  # every config created: the placeholder is gone ...
+    assert sched.policy.trials[NEXT_CONFIG].status == "done"
+    assert sched.choose_trial_to_run(ctl) is trial  # ... and the paused trial is resumed

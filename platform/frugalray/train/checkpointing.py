@@ -38,8 +38,7 @@ def _gather_full_state(session) -> tuple[dict[str, Any], dict[str, Any]]:
     """(trainable weights, optimizer state), full, on rank 0 (empty dicts on other ranks)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    if not session.distributed:
-        raise RuntimeError("checkpointing needs a torch.distributed process group (Ray Train sets one up)")
+    # Without a process group (a sweep trial) the same helpers read the plain module, in the same format.
     model_sd, optim_sd = get_state_dict(
         session.model, session.optimizer,
         options=_options(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True),

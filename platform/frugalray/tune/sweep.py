@@ -12,6 +12,11 @@ chunk it settles: the real FLOPs stay charged and the unspent part of the hold g
 Open holds plus settled spend never exceed the cap, and no chunk spends more than it held,
 so the cap is a promise, not a target.
 
+Pause: under the marginal scheduler (`pause_trials`, default on) every report but a trial's
+last carries a checkpoint of its training state, so the scheduler can PAUSE a trial whose
+gain per FLOP fell behind and Tune resumes it later from that report (its steps, FLOPs and
+data position continue; nothing is recomputed).
+
 Restore: the run directory keeps `sweep_state.json` (the config, the Tune experiment) and
 the budget actor's write-ahead journal. `resume_sweep(run_dir)` (`frugalray sweep --resume
 RUN_DIR`) rebuilds the pot from the journal (holds left open by the dead driver are charged
@@ -73,6 +78,10 @@ class SweepConfig(StrictModel):
     # marginal: a trial stops when its expected gain per FLOP falls below this rate (metric
     # units per FLOP), or, with "auto", below the best rate available elsewhere.
     stop_rate: float | Literal["auto"] = "auto"
+    # marginal: PAUSE a trial instead of stopping it (each report then checkpoints the trial's
+    # adapter, optimizer and data position), so FLOPs left over later can resume it where it
+    # stopped, and trials run one at a time still get screened before one is trained out.
+    pause_trials: bool = True
     asha_reduction_factor: float = Field(3.0, gt=1)
 
     @model_validator(mode="before")
@@ -244,6 +253,10 @@ def scheduler_flops(cfg: SweepConfig, shape, eval_rows: int) -> tuple[float, flo
     return grace, max(max_trial, grace)
 
 
+def _scheduler_limits_concurrency(cfg: SweepConfig) -> bool:
+    return cfg.scheduler == "marginal" and cfg.pause_trials
+
+
 def make_scheduler(cfg: SweepConfig, shape, eval_rows: int):
     """The Tune scheduler that `cfg.scheduler` names (None: Tune's default FIFO)."""
     if cfg.scheduler == "fifo":
@@ -257,7 +270,8 @@ def make_scheduler(cfg: SweepConfig, shape, eval_rows: int):
     from frugalray.tune.scheduler import MarginalGainScheduler
 
     return MarginalGainScheduler(flop_cap=cfg.flop_cap, grace_flops=grace, max_trial_flops=max_trial,
-                                 stop_rate=cfg.stop_rate, time_attr="flops")
+                                 stop_rate=cfg.stop_rate, time_attr="flops", pausable=cfg.pause_trials,
+                                 max_running=cfg.max_concurrent_trials if _scheduler_limits_concurrency(cfg) else None)
 
 
 def sweep_trial(
@@ -270,8 +284,14 @@ def sweep_trial(
     steps_per_report: int,
     max_steps: int,
     threads: int,
+    checkpoint_reports: bool = False,
 ) -> None:
-    """Tune function trainable: train in reserved chunks, report after each, stop at the cap."""
+    """Tune function trainable: train in reserved chunks, report after each, stop at the cap.
+
+    `checkpoint_reports`: every report that is not the trial's last carries a checkpoint (adapter,
+    optimizer, LR schedule, data position, RNG and the trial's FLOP/token counters), so a scheduler
+    may PAUSE the trial there and Tune resumes it later exactly where it stopped.
+    """
     import ray
     from ray import tune
 
@@ -282,15 +302,29 @@ def sweep_trial(
     budget = ray.get_actor(budget_name)
     shape = model_shape(model_path)
     step_bound, eval_bound = trial_cost_bounds(trial_cfg, shape, len(eval_rows))
-    # Refuse early, before paying to load the model, when not even one chunk fits.
-    granted = ray.get(budget.reserve_steps.remote(step_bound, min(steps_per_report, max_steps), eval_bound))
+    steps, flops, reserved, tokens = 0, 0.0, 0.0, 0
+    last_result = {"eval_loss": math.inf, "train_loss": math.inf}
+    paused_at = tune.get_checkpoint()  # set when Tune resumes a paused trial
+    if paused_at is not None:
+        with paused_at.as_directory() as directory:
+            counters = json.loads((Path(directory) / TRIAL_COUNTERS_FILE).read_text())
+        steps, flops, reserved, tokens = (int(counters["steps"]), float(counters["flops"]),
+                                          float(counters["reserved"]), int(counters["tokens"]))
+        last_result = counters["result"]
+    # Refuse early, before paying to load the model, when not even one chunk fits. A resumed trial
+    # repeats its last metrics (its final result stays its real one), with nothing trained.
+    granted = ray.get(budget.reserve_steps.remote(step_bound, min(steps_per_report, max_steps - steps), eval_bound))
     if granted == 0:
-        tune.report({"step": 0, "flops": 0.0, "reserved_flops": 0.0, "tokens": 0, "eval_loss": math.inf,
-                     "train_loss": math.inf, "stopped_by_cap": True, "chunk_flops": 0.0, "chunk_reserved": 0.0,
-                     "sweep_flops": ray.get(budget.spent.remote())})
+        tune.report({**last_result, "step": steps, "flops": flops, "reserved_flops": reserved, "tokens": tokens,
+                     "stopped_by_cap": True, "chunk_flops": 0.0, "chunk_reserved": 0.0,
+                     "sweep_flops": ray.get(budget.spent.remote()), "final": True})
         return
     session = LoraTrainingSession(trial_cfg.model_dump(mode="json"), model_path, train_rows, eval_rows, threads=threads)
-    steps, flops, reserved, tokens = 0, 0.0, 0.0, 0
+    if paused_at is not None:
+        with paused_at.as_directory() as directory:
+            session.load_checkpoint(directory)
+        if session.steps_done != steps:
+            raise RuntimeError(f"paused checkpoint is at step {session.steps_done}, its counters at {steps}")
     while True:
         wanted = min(steps_per_report, max_steps - steps)
         held = granted * step_bound + eval_bound
@@ -323,22 +357,47 @@ def sweep_trial(
             "chunk_flops": chunk_flops,
             "chunk_reserved": held,
             "sweep_flops": sweep_flops,
+            # The trial's last report: it ends by itself after it (a scheduler must not pause it there).
+            "final": False,
         }
         if steps >= max_steps or stopped_by_cap:
-            tune.report(result)
+            tune.report({**result, "final": True})
             return
         # Report before reserving the next chunk: a scheduler that stops or pauses the trial at this
         # report ends it there, and a hold taken first would stay charged against the cap, unspent.
         # The probe only labels the report; the reservation after it is what the cap enforces.
         if ray.get(budget.remaining.remote()) < step_bound + eval_bound:
-            tune.report({**result, "stopped_by_cap": True})
+            tune.report({**result, "stopped_by_cap": True, "final": True})
             return
-        tune.report(result)
+        if checkpoint_reports:
+            tune.report(result, checkpoint=_pause_checkpoint(session, result))
+        else:
+            tune.report(result)
         wanted = min(steps_per_report, max_steps - steps)
         granted = ray.get(budget.reserve_steps.remote(step_bound, wanted, eval_bound))
         if granted == 0:  # another trial took the rest since the probe: say so in one more report
-            tune.report({**result, "stopped_by_cap": True})
+            tune.report({**result, "stopped_by_cap": True, "final": True})
             return
+
+
+TRIAL_COUNTERS_FILE = "sweep_trial.json"
+
+
+def _pause_checkpoint(session, result: dict[str, Any]):
+    """The trial's full training state in a local scratch folder (one per trial, rewritten at each
+    report: Tune copies it into the experiment's storage when the report is made)."""
+    import shutil
+    import tempfile
+
+    from ray import tune
+
+    directory = Path(tempfile.gettempdir()) / "frugalray-sweep-pause" / tune.get_context().get_trial_id()
+    shutil.rmtree(directory, ignore_errors=True)
+    session.save_checkpoint(str(directory))
+    (directory / TRIAL_COUNTERS_FILE).write_text(json.dumps({
+        "steps": result["step"], "flops": result["flops"], "reserved": result["reserved_flops"],
+        "tokens": result["tokens"], "result": {k: result[k] for k in ("eval_loss", "train_loss")}}))
+    return tune.Checkpoint.from_directory(str(directory))
 
 
 def _finite(x: Any) -> float | None:
@@ -414,6 +473,7 @@ def _trainable(cfg: SweepConfig, data, budget_name: str):
             steps_per_report=cfg.steps_per_report,
             max_steps=cfg.max_steps_per_trial,
             threads=cfg.finetune.cpu_threads or default_threads(cfg.max_concurrent_trials),
+            checkpoint_reports=cfg.scheduler == "marginal" and cfg.pause_trials,
         ),
         {"cpu": 1},
     )
@@ -508,6 +568,13 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path, ledger=None, resume: bool =
                 total = len(trial_configs(cfg)) * cfg.num_samples if cfg.search == "grid" else cfg.num_samples
                 stopper = FitStopper(cfg.sweep_stop_gain, cfg.metric, cfg.mode, cfg.flop_cap, max_trial, total,
                                      max_steps=cfg.max_steps_per_trial, note_path=str(run_dir / FIT_STOP_FILE))
+            scheduler = make_scheduler(cfg, shape, len(data.eval_rows))
+            search_alg = None
+            if _scheduler_limits_concurrency(cfg):
+                # Tune's own limit counts paused trials as live: the pausing scheduler holds it instead.
+                from frugalray.tune.scheduler import GatedVariantGenerator
+
+                search_alg = GatedVariantGenerator(scheduler)
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space,
@@ -515,11 +582,14 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path, ledger=None, resume: bool =
                     metric=cfg.metric,
                     mode=cfg.mode,
                     num_samples=cfg.num_samples,
-                    max_concurrent_trials=cfg.max_concurrent_trials,
-                    scheduler=make_scheduler(cfg, shape, len(data.eval_rows)),
+                    max_concurrent_trials=None if search_alg is not None else cfg.max_concurrent_trials,
+                    scheduler=scheduler,
+                    search_alg=search_alg,
                 ),
                 run_config=tune.RunConfig(storage_path=str(storage), name=state["experiment"], verbose=1,
-                                          stop=stopper),
+                                          stop=stopper,
+                                          # a paused trial resumes from its latest report; older ones are disk
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
             )
         grid = tuner.fit()
         totals = ray.get(budget.snapshot.remote())

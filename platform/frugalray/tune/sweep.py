@@ -34,6 +34,8 @@ import itertools
 import json
 import logging
 import math
+import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -318,6 +320,7 @@ def sweep_trial(
         tune.report({**last_result, "step": steps, "flops": flops, "reserved_flops": reserved, "tokens": tokens,
                      "stopped_by_cap": True, "chunk_flops": 0.0, "chunk_reserved": 0.0,
                      "sweep_flops": ray.get(budget.spent.remote()), "final": True})
+        shutil.rmtree(_pause_scratch(), ignore_errors=True)
         return
     session = LoraTrainingSession(trial_cfg.model_dump(mode="json"), model_path, train_rows, eval_rows, threads=threads)
     if paused_at is not None:
@@ -325,73 +328,80 @@ def sweep_trial(
             session.load_checkpoint(directory)
         if session.steps_done != steps:
             raise RuntimeError(f"paused checkpoint is at step {session.steps_done}, its counters at {steps}")
-    while True:
-        wanted = min(steps_per_report, max_steps - steps)
-        held = granted * step_bound + eval_bound
-        chunk_flops, losses = 0.0, []
-        for _ in range(granted):
-            stats = session.step()
-            chunk_flops += stats.flops
-            tokens += stats.tokens
-            losses.append(stats.loss)
-        steps += granted
-        evaluation = session.evaluate()
-        if evaluation is not None:
-            chunk_flops += evaluation.flops
-            tokens += evaluation.tokens
-        # Hand back what the padded upper bound over-reserved, so other chunks can use it.
-        # The answer is the sweep's total spend: the global FLOP clock the budget ladder replays.
-        sweep_flops = ray.get(budget.settle.remote(held, chunk_flops, f"{tune.get_context().get_trial_id()}:{steps}"))
-        reserved += held
-        flops += chunk_flops
-        stopped_by_cap = granted < wanted
-        train_loss = sum(losses) / len(losses)
-        result = {
-            "step": steps,
-            "flops": flops,
-            "reserved_flops": reserved,
-            "tokens": tokens,
-            "train_loss": train_loss,
-            "eval_loss": evaluation.loss if evaluation is not None else math.inf,
-            "stopped_by_cap": stopped_by_cap,
-            "chunk_flops": chunk_flops,
-            "chunk_reserved": held,
-            "sweep_flops": sweep_flops,
-            # The trial's last report: it ends by itself after it (a scheduler must not pause it there).
-            "final": False,
-        }
-        if steps >= max_steps or stopped_by_cap:
-            tune.report({**result, "final": True})
-            return
-        # Report before reserving the next chunk: a scheduler that stops or pauses the trial at this
-        # report ends it there, and a hold taken first would stay charged against the cap, unspent.
-        # The probe only labels the report; the reservation after it is what the cap enforces.
-        if ray.get(budget.remaining.remote()) < step_bound + eval_bound:
-            tune.report({**result, "stopped_by_cap": True, "final": True})
-            return
-        if checkpoint_reports:
-            tune.report(result, checkpoint=_pause_checkpoint(session, result))
-        else:
-            tune.report(result)
-        wanted = min(steps_per_report, max_steps - steps)
-        granted = ray.get(budget.reserve_steps.remote(step_bound, wanted, eval_bound))
-        if granted == 0:  # another trial took the rest since the probe: say so in one more report
-            tune.report({**result, "stopped_by_cap": True, "final": True})
-            return
+    try:
+        while True:
+            wanted = min(steps_per_report, max_steps - steps)
+            held = granted * step_bound + eval_bound
+            chunk_flops, losses = 0.0, []
+            for _ in range(granted):
+                stats = session.step()
+                chunk_flops += stats.flops
+                tokens += stats.tokens
+                losses.append(stats.loss)
+            steps += granted
+            evaluation = session.evaluate()
+            if evaluation is not None:
+                chunk_flops += evaluation.flops
+                tokens += evaluation.tokens
+            # Hand back what the padded upper bound over-reserved, so other chunks can use it.
+            # The answer is the sweep's total spend: the global FLOP clock the budget ladder replays.
+            sweep_flops = ray.get(budget.settle.remote(held, chunk_flops, f"{tune.get_context().get_trial_id()}:{steps}"))
+            reserved += held
+            flops += chunk_flops
+            stopped_by_cap = granted < wanted
+            train_loss = sum(losses) / len(losses)
+            result = {
+                "step": steps,
+                "flops": flops,
+                "reserved_flops": reserved,
+                "tokens": tokens,
+                "train_loss": train_loss,
+                "eval_loss": evaluation.loss if evaluation is not None else math.inf,
+                "stopped_by_cap": stopped_by_cap,
+                "chunk_flops": chunk_flops,
+                "chunk_reserved": held,
+                "sweep_flops": sweep_flops,
+                # The trial's last report: it ends by itself after it (a scheduler must not pause it there).
+                "final": False,
+            }
+            if steps >= max_steps or stopped_by_cap:
+                tune.report({**result, "final": True})
+                return
+            # Report before reserving the next chunk: a scheduler that stops or pauses the trial at this
+            # report ends it there, and a hold taken first would stay charged against the cap, unspent.
+            # The probe only labels the report; the reservation after it is what the cap enforces.
+            if ray.get(budget.remaining.remote()) < step_bound + eval_bound:
+                tune.report({**result, "stopped_by_cap": True, "final": True})
+                return
+            if checkpoint_reports:
+                tune.report(result, checkpoint=_pause_checkpoint(session, result))
+            else:
+                tune.report(result)
+            wanted = min(steps_per_report, max_steps - steps)
+            granted = ray.get(budget.reserve_steps.remote(step_bound, wanted, eval_bound))
+            if granted == 0:  # another trial took the rest since the probe: say so in one more report
+                tune.report({**result, "stopped_by_cap": True, "final": True})
+                return
+    finally:
+        # A trial that ends by itself leaves no scratch behind (a paused one keeps it until resumed).
+        shutil.rmtree(_pause_scratch(), ignore_errors=True)
 
 
 TRIAL_COUNTERS_FILE = "sweep_trial.json"
 
 
+def _pause_scratch(trial_id: str | None = None) -> Path:
+    from ray import tune
+
+    return Path(tempfile.gettempdir()) / "frugalray-sweep-pause" / (trial_id or tune.get_context().get_trial_id())
+
+
 def _pause_checkpoint(session, result: dict[str, Any]):
     """The trial's full training state in a local scratch folder (one per trial, rewritten at each
     report: Tune copies it into the experiment's storage when the report is made)."""
-    import shutil
-    import tempfile
-
     from ray import tune
 
-    directory = Path(tempfile.gettempdir()) / "frugalray-sweep-pause" / tune.get_context().get_trial_id()
+    directory = _pause_scratch()
     shutil.rmtree(directory, ignore_errors=True)
     session.save_checkpoint(str(directory))
     (directory / TRIAL_COUNTERS_FILE).write_text(json.dumps({
@@ -600,6 +610,8 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path, ledger=None, resume: bool =
     trials = []
     for r in grid:
         m = r.metrics or {}
+        if m.get("trial_id"):  # a trial left paused at the end kept its scratch copy (Tune holds the checkpoint)
+            shutil.rmtree(_pause_scratch(str(m["trial_id"])), ignore_errors=True)
         trials.append(
             TrialSummary(
                 config={k: v for k, v in (r.config or {}).items() if k in cfg.search_space},

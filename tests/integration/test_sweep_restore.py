@@ -21,6 +21,7 @@ from frugalray.tune.budget import FlopReservations, read_journal
 from frugalray.tune.sweep import (
     STATE_FILE,
     SweepConfig,
+    _pause_scratch,
     preflight_sweep,
     resume_sweep,
     run_sweep,
@@ -189,9 +190,6 @@ def test_marginal_sweep_pauses_trials_and_resumes_them_where_they_stopped(ray_cl
         assert finite and h["metric"][-1] == finite[-1]
     assert resumed, "no trial was paused and resumed"
     # The local scratch copies of the pause checkpoints are gone (Tune's storage keeps the checkpoints).
-    import tempfile
-
-    scratch = Path(tempfile.gettempdir()) / "frugalray-sweep-pause"
-    assert not [h["trial_id"] for h in result.histories if (scratch / h["trial_id"]).exists()]
+    assert not [h["trial_id"] for h in result.histories if _pause_scratch(h["trial_id"]).exists()]
     paused = [t for t in result.trials if 0 < t.steps < cfg.max_steps_per_trial and not t.stopped_by_cap]
     assert not paused or result.flops_spent > 0.8 * cfg.flop_cap, "a trial was left paused with budget to spare"

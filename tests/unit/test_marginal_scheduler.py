@@ -93,22 +93,35 @@ def test_admission_control_stops_pending_trials_the_cap_cannot_start():
     assert ctl.stop_requests == ["c"]
 
 
+def slow_curve(c):  # the best trial of the pause scenario
+    return 0.5 + (c / G) ** -0.2
+
+
+def worse_curve(c):
+    return 1.5 + (c / G) ** -0.5
+
+
+def pause_scenario(pausable: bool):
+    """Two trials started and reported twice, a third pending: the best ("slow") is later paused or kept."""
+    sched = make(cap=1e5 * G, grace=3 * G, initial_trials=2, max_trial_flops=200 * G, pausable=pausable)
+    trials = [fake_trial(t) for t in ("slow", "worse", "new")]
+    ctl = FakeController(trials)
+    for t in trials:
+        sched.on_trial_add(ctl, t)
+    for t, curve in zip(trials[:2], (slow_curve, worse_curve)):
+        assert sched.choose_trial_to_run(ctl) is t
+        t.status = Trial.RUNNING
+        for k in (1, 2):
+            sched.on_trial_result(ctl, t, {"flops": k * G, "eval_loss": curve(k * G), "final": False})
+    return sched, trials, ctl
+
+
 def test_pause_becomes_stop_unless_the_trainable_can_resume():
     for pausable, expected in ((False, TrialScheduler.STOP), (True, TrialScheduler.PAUSE)):
-        sched = make(cap=1e5 * G, grace=3 * G, initial_trials=2, max_trial_flops=200 * G, pausable=pausable)
-        trials = [fake_trial(t) for t in ("slow", "worse", "new")]
-        ctl = FakeController(trials)
-        for t in trials:
-            sched.on_trial_add(ctl, t)
-        curves = {"slow": lambda c: 0.5 + (c / G) ** -0.2, "worse": lambda c: 1.5 + (c / G) ** -0.5}
-        for t in trials[:2]:
-            assert sched.choose_trial_to_run(ctl) is t
-            t.status = Trial.RUNNING
-            for k in (1, 2):
-                sched.on_trial_result(ctl, t, {"flops": k * G, "eval_loss": curves[t.trial_id](k * G)})
+        sched, trials, ctl = pause_scenario(pausable)
         seen = []
         for k in range(3, 60):
-            seen.append(sched.on_trial_result(ctl, trials[0], {"flops": k * G, "eval_loss": curves["slow"](k * G)}))
+            seen.append(sched.on_trial_result(ctl, trials[0], {"flops": k * G, "eval_loss": slow_curve(k * G)}))
             if seen[-1] != TrialScheduler.CONTINUE:
                 break
         if pausable:
@@ -121,19 +134,9 @@ def test_a_trials_final_report_is_never_paused_and_ends_it():
     # The same situation as above where a pausable scheduler pauses the best trial, but the report
     # is the trainable's last (schedule done or cap refused): it carries no checkpoint, so a pause
     # there would resume from the report before and train the last chunk twice.
-    sched = make(cap=1e5 * G, grace=3 * G, initial_trials=2, max_trial_flops=200 * G, pausable=True)
-    trials = [fake_trial(t) for t in ("slow", "worse", "new")]
-    ctl = FakeController(trials)
-    for t in trials:
-        sched.on_trial_add(ctl, t)
-    curves = {"slow": lambda c: 0.5 + (c / G) ** -0.2, "worse": lambda c: 1.5 + (c / G) ** -0.5}
-    for t in trials[:2]:
-        assert sched.choose_trial_to_run(ctl) is t
-        t.status = Trial.RUNNING
-        for k in (1, 2):
-            sched.on_trial_result(ctl, t, {"flops": k * G, "eval_loss": curves[t.trial_id](k * G), "final": False})
+    sched, trials, ctl = pause_scenario(pausable=True)
     for k in range(3, 60):
-        result = {"flops": k * G, "eval_loss": curves["slow"](k * G), "final": False}
+        result = {"flops": k * G, "eval_loss": slow_curve(k * G), "final": False}
         probe = pickle.loads(pickle.dumps(sched))  # what the decision would be at a report that is not the last
         if probe.on_trial_result(ctl, trials[0], result) == TrialScheduler.PAUSE:
             break

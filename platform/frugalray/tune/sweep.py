@@ -255,7 +255,8 @@ def scheduler_flops(cfg: SweepConfig, shape, eval_rows: int) -> tuple[float, flo
     return grace, max(max_trial, grace)
 
 
-def _scheduler_limits_concurrency(cfg: SweepConfig) -> bool:
+def _pauses_trials(cfg: SweepConfig) -> bool:
+    """Trials checkpoint at every report and the marginal scheduler may pause them."""
     return cfg.scheduler == "marginal" and cfg.pause_trials
 
 
@@ -273,7 +274,7 @@ def make_scheduler(cfg: SweepConfig, shape, eval_rows: int):
 
     return MarginalGainScheduler(flop_cap=cfg.flop_cap, grace_flops=grace, max_trial_flops=max_trial,
                                  stop_rate=cfg.stop_rate, time_attr="flops", pausable=cfg.pause_trials,
-                                 max_running=cfg.max_concurrent_trials if _scheduler_limits_concurrency(cfg) else None)
+                                 max_running=cfg.max_concurrent_trials if cfg.pause_trials else None)
 
 
 def sweep_trial(
@@ -483,7 +484,7 @@ def _trainable(cfg: SweepConfig, data, budget_name: str):
             steps_per_report=cfg.steps_per_report,
             max_steps=cfg.max_steps_per_trial,
             threads=cfg.finetune.cpu_threads or default_threads(cfg.max_concurrent_trials),
-            checkpoint_reports=cfg.scheduler == "marginal" and cfg.pause_trials,
+            checkpoint_reports=_pauses_trials(cfg),
         ),
         {"cpu": 1},
     )
@@ -580,7 +581,7 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path, ledger=None, resume: bool =
                                      max_steps=cfg.max_steps_per_trial, note_path=str(run_dir / FIT_STOP_FILE))
             scheduler = make_scheduler(cfg, shape, len(data.eval_rows))
             search_alg = None
-            if _scheduler_limits_concurrency(cfg):
+            if _pauses_trials(cfg):
                 # Tune's own limit counts paused trials as live: the pausing scheduler holds it instead.
                 from frugalray.tune.scheduler import GatedVariantGenerator
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -47,14 +46,9 @@ def start_local_ray(num_cpus: int = 8, timeout_s: float = 300) -> str:
         try:
             ray.shutdown()
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=60)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            from frugalray.local_cluster import stop_ray_nodes
+
+            stop_ray_nodes([proc])
 
     atexit.register(stop)
     address = f"127.0.0.1:{gcs}"

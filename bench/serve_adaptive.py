@@ -94,14 +94,9 @@ def _start_head(env: dict[str, str], num_cpus: int):
     )
 
     def stop() -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=60)
-        # vLLM's engine processes can outlive the raylet; they are still in this session's group
-        time.sleep(5)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        from frugalray.local_cluster import stop_ray_nodes
+
+        stop_ray_nodes([proc])  # vLLM's engine processes can outlive the raylet: the whole session goes
         log_file.close()
 
     return proc, log_file, f"127.0.0.1:{gcs_port}", stop

@@ -8,6 +8,7 @@ workers) down at once, like a lost machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -42,6 +43,44 @@ def _session_pids(session_id: int) -> list[int]:
             except OSError:  # gone, or not ours to ask about
                 pass
     return pids
+
+
+def kill_session(session_id: int) -> int:
+    """SIGKILL every process of a `start_new_session` process tree; returns how many besides its group.
+
+    Ray starts each worker process in a process group of its own (and vLLM's engine processes can
+    outlive their raylet), so killing the group alone can leave them running: the whole session goes.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(session_id, signal.SIGKILL)
+    killed = 0
+    for pid in _session_pids(session_id):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+    return killed
+
+
+def stop_ray_nodes(processes: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+    """Stop `ray start --block` processes (each in its own session): SIGTERM all of them at once, give
+    them `grace_s` together, then SIGKILL what is left of their sessions.
+
+    Ray's own graceful stop of a head waits about 30 s on its GCS and dashboard processes (measured on
+    these machines: 34 s for an idle head), which a throw-away loopback node does not need; waiting
+    node by node multiplied that.
+    """
+    live = [proc for proc in processes if proc.poll() is None]  # a node killed earlier is already gone
+    for proc in live:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.time() + grace_s
+    for proc in live:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+    for proc in live:
+        kill_session(proc.pid)  # start_new_session: the session id is the pid
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
 
 
 def _agent_ports() -> list[str]:
@@ -146,37 +185,20 @@ class LoopbackCluster:
     def kill_node(self, name: str) -> None:
         """SIGKILL a whole node (its `ray start` session: raylet, object store, workers): a lost machine.
 
-        Ray starts each worker process in a process group of its own, so killing the node's group alone
-        leaves its workers running until they notice the raylet is gone (a Serve replica answered a
-        request after its node was "killed"). Every process of the node's session goes at once.
+        Killing the node's group alone left its workers running until they noticed the raylet was gone
+        (a Serve replica answered a request after its node was "killed"): every process of the node's
+        session goes at once.
         """
         node = self.nodes[name]
         if name == "head":
             raise ValueError("kill_node: the head holds the GCS; kill a worker node")
-        os.killpg(node.process.pid, signal.SIGKILL)
-        killed = 0
-        for pid in _session_pids(node.process.pid):  # start_new_session: the session id is the pid
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except ProcessLookupError:
-                pass
+        killed = kill_session(node.process.pid)  # start_new_session: the session id is the pid
         node.process.wait(timeout=30)
         log.info("killed node %s (and %d other processes of its session)", name, killed)
 
-    def stop(self) -> None:
-        for name in [n for n in self.nodes if n != "head"] + ["head"]:
-            node = self.nodes.get(name)
-            if node is None or not node.alive:
-                continue
-            try:
-                os.killpg(node.process.pid, signal.SIGTERM)
-                node.process.wait(timeout=30)
-            except (subprocess.TimeoutExpired, ProcessLookupError):
-                try:
-                    os.killpg(node.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop every node at once (workers and head together), force-killing them after `grace_s`."""
+        stop_ray_nodes([node.process for node in self.nodes.values()], grace_s)
 
     def __enter__(self) -> LoopbackCluster:
         return self.start()

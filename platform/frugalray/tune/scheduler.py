@@ -105,6 +105,11 @@ class MarginalGainScheduler(TrialScheduler):
         elif not waiting and NEXT_CONFIG in policy.trials:
             policy.trial_finished(NEXT_CONFIG, "every config created" if not self.sweep_over else "sweep over")
 
+    def end_sweep(self) -> None:
+        """Nothing left is worth starting: no new config is created, and the policy stops waiting for one."""
+        self.sweep_over = True
+        self.configs_waiting(False)
+
     def wants_new_config(self) -> bool:
         """A slot is free and the policy's best option is a config not created yet."""
         if self.sweep_over or self.at_capacity():
@@ -203,8 +208,7 @@ class MarginalGainScheduler(TrialScheduler):
         if not running:
             # Nothing runs and nothing left is worth (or affordable) starting: end the sweep.
             if NEXT_CONFIG in policy.trials:
-                self.sweep_over = True
-                self.configs_waiting(False)
+                self.end_sweep()
             for tid, trial in trials.items():
                 if trial.status in (Trial.PENDING, Trial.PAUSED) and tid not in self._stop_requested:
                     self._stop_requested.add(tid)
@@ -259,8 +263,7 @@ class GatedVariantGenerator(BasicVariantGenerator):
             if not self._gate.anything_live():
                 # Nothing runs, waits or is paused and no new config is worth its grace period: the sweep
                 # is over. (Tune blocks on this generator, up to 10 minutes, when no trial is live.)
-                self._gate.sweep_over = True
-                self._gate.configs_waiting(False)
+                self._gate.end_sweep()
                 self.set_finished()
             return None
         trial = super().next_trial()

@@ -314,22 +314,21 @@ def sweep_trial(
         steps, flops, reserved, tokens = (int(counters["steps"]), float(counters["flops"]),
                                           float(counters["reserved"]), int(counters["tokens"]))
         last_result = counters["result"]
-    # Refuse early, before paying to load the model, when not even one chunk fits. A resumed trial
-    # repeats its last metrics (its final result stays its real one), with nothing trained.
-    granted = ray.get(budget.reserve_steps.remote(step_bound, min(steps_per_report, max_steps - steps), eval_bound))
-    if granted == 0:
-        tune.report({**last_result, "step": steps, "flops": flops, "reserved_flops": reserved, "tokens": tokens,
-                     "stopped_by_cap": True, "chunk_flops": 0.0, "chunk_reserved": 0.0,
-                     "sweep_flops": ray.get(budget.spent.remote()), "final": True})
-        shutil.rmtree(_pause_scratch(), ignore_errors=True)
-        return
-    session = LoraTrainingSession(trial_cfg.model_dump(mode="json"), model_path, train_rows, eval_rows, threads=threads)
-    if paused_at is not None:
-        with paused_at.as_directory() as directory:
-            session.load_checkpoint(directory)
-        if session.steps_done != steps:
-            raise RuntimeError(f"paused checkpoint is at step {session.steps_done}, its counters at {steps}")
     try:
+        # Refuse early, before paying to load the model, when not even one chunk fits. A resumed trial
+        # repeats its last metrics (its final result stays its real one), with nothing trained.
+        granted = ray.get(budget.reserve_steps.remote(step_bound, min(steps_per_report, max_steps - steps), eval_bound))
+        if granted == 0:
+            tune.report({**last_result, "step": steps, "flops": flops, "reserved_flops": reserved, "tokens": tokens,
+                         "stopped_by_cap": True, "chunk_flops": 0.0, "chunk_reserved": 0.0,
+                         "sweep_flops": ray.get(budget.spent.remote()), "final": True})
+            return
+        session = LoraTrainingSession(trial_cfg.model_dump(mode="json"), model_path, train_rows, eval_rows, threads=threads)
+        if paused_at is not None:
+            with paused_at.as_directory() as directory:
+                session.load_checkpoint(directory)
+            if session.steps_done != steps:
+                raise RuntimeError(f"paused checkpoint is at step {session.steps_done}, its counters at {steps}")
         while True:
             wanted = min(steps_per_report, max_steps - steps)
             held = granted * step_bound + eval_bound

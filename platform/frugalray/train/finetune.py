@@ -60,7 +60,8 @@ class FinetuneConfig(StrictModel):
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
     # Matmul dtype. auto: bfloat16 where matmuls are native in bf16 (CUDA, AVX512-BF16, AMX),
-    # else float32: on an AVX2-only CPU bf16 compute made each step ~27x slower.
+    # else float32: on an AVX2-only CPU bf16 compute made each step ~27x slower. An explicit
+    # value is what runs, on any machine.
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # adamw (torch), adamw_8bit (bitsandbytes 8-bit states), paged_adamw (bitsandbytes; CUDA only).
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw"] = "adamw"
@@ -68,6 +69,8 @@ class FinetuneConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0.0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
+    # Clip the global gradient norm before each update (HF Trainer's default 1.0); None: no clipping.
+    max_grad_norm: float | None = Field(1.0, gt=0)
     max_steps: int = Field(20, ge=1)
     batch_size: int = Field(4, ge=1, description="rows per worker per micro-batch")
     # Micro-batches per optimizer step: global batch = batch_size x grad_accum_steps x num_workers.

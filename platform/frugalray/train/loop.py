@@ -145,10 +145,10 @@ class TrainingSession:
             self.shape, int(cfg["lora_rank"]), cfg["target_modules"]
         )
         self.tokenizer = load_tokenizer(model_path)
+        # An explicit dtype is what runs (bf16 on a CPU without native bf16 is slow, never wrong);
+        # "auto" picks bf16 only where it is native.
         self.compute_dtype = resolve_compute_dtype(cfg.get("compute_dtype", "auto"))
-        if self.method != "qlora" and self.device.type == "cpu":
-            # LoRA / full keep fp32 weights; bf16 autocast only where bf16 is fast.
-            self.compute_dtype = self.compute_dtype if has_fast_bf16() else "float32"
+        self.max_grad_norm = cfg.get("max_grad_norm", 1.0)
 
         torch.manual_seed(int(cfg["seed"]))
         self.model = self._build_model(model_path)
@@ -217,6 +217,11 @@ class TrainingSession:
             model = load_causal_lm(model_path, quantize_4bit=quantized, compute_dtype=self.compute_dtype)
         if quantized:
             from peft import prepare_model_for_kbit_training
+
+            from frugalray.train.four_bit import keep_4bit_weights_unpacked
+
+            # Evaluation in this session must not repack the 4-bit weights (that cuts gradients).
+            keep_4bit_weights_unpacked(model)
 
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=self.gradient_checkpointing,
@@ -291,8 +296,38 @@ class TrainingSession:
 
     # -- training -------------------------------------------------------------------------
     def step(self) -> StepStats:
+        """One optimizer step on the next global batch: gradients, clipping, update, schedule."""
+        import torch
+
+        stats = self.compute_gradients()
+        grad_norm = None
+        if self.max_grad_norm:
+            # A DTensor norm under FSDP: the total over every rank's shard, as a single process has it.
+            total = torch.nn.utils.clip_grad_norm_(self._trainable, float(self.max_grad_norm))
+            grad_norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        self.history.append({"step": self.steps_done, "loss": stats.loss, "tokens": stats.tokens,
+                             "flops": stats.flops, "epoch": self.plan.epoch_of(self.steps_done - 1),
+                             **({"grad_norm": grad_norm} if grad_norm is not None else {})})
+        return stats
+
+    def compute_gradients(self) -> StepStats:
+        """Forward and backward of the next global batch (this rank's slice); gradients accumulate
+        in the trainable parameters and nothing is updated. `step()` is this plus the update."""
         from frugalray.data.formatting import IGNORE_INDEX, pad_batch
 
+        if self.method == "qlora":
+            from frugalray.train.four_bit import packed_4bit_layers
+
+            unsafe = packed_4bit_layers(self.model)
+            if unsafe:
+                raise RuntimeError(
+                    f"{len(unsafe)} 4-bit layers (e.g. {unsafe[0]}) are repacked for CPU inference or may "
+                    "repack: their matmul has no backward and would silently drop gradients"
+                )
         micro = [
             pad_batch([self.train_examples[i] for i in rows], self.tokenizer.pad_token_id)
             for rows in self.plan.micro_batches(self.steps_done, self.rank)
@@ -314,15 +349,8 @@ class TrainingSession:
             flops += train_flops_per_token(
                 self.shape, width, self.method, self.lora_params, self.gradient_checkpointing
             ) * n
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps_done += 1
         loss_all, tokens_all, flops_all = self._all_reduce_sum([loss_sum, tokens, flops])
-        stats = StepStats(loss=loss_all / global_loss_tokens, tokens=int(tokens_all), flops=flops_all)
-        self.history.append({"step": self.steps_done, "loss": stats.loss, "tokens": stats.tokens,
-                             "flops": stats.flops, "epoch": self.plan.epoch_of(self.steps_done - 1)})
-        return stats
+        return StepStats(loss=loss_all / global_loss_tokens, tokens=int(tokens_all), flops=flops_all)
 
     def evaluate(self) -> StepStats | None:
         """Token-weighted mean loss over the eval rows (split over ranks); None without rows."""

@@ -208,6 +208,9 @@ def preflight_sweep(cfg: SweepConfig):
             variants.append(FinetuneConfig.model_validate({**cfg.finetune.model_dump(), **combo}))
         except Exception as err:  # noqa: BLE001 - pydantic's message names the bad value
             problems.append(f"search_space: {combo} is not a valid finetune config ({err.errors()[0]['msg']})")
+    if cfg.finetune.warmup_steps > cfg.max_steps_per_trial:
+        problems.append(f"finetune.warmup_steps: {cfg.finetune.warmup_steps} exceeds max_steps_per_trial "
+                        f"{cfg.max_steps_per_trial} (a trial's schedule spans the trial); lower it")
     if cfg.metric == "eval_loss" and cfg.finetune.eval_rows == 0:
         problems.append("finetune.eval_rows: metric 'eval_loss' needs held-out rows; set eval_rows > 0")
     if problems:
@@ -301,7 +304,8 @@ def sweep_trial(
     from frugalray.models import model_shape
     from frugalray.train.loop import LoraTrainingSession
 
-    trial_cfg = FinetuneConfig.model_validate({**base, **config})
+    # The trial's LR schedule (warmup, decay) spans the trial's own length.
+    trial_cfg = FinetuneConfig.model_validate({**base, **config, "max_steps": max_steps})
     budget = ray.get_actor(budget_name)
     shape = model_shape(model_path)
     step_bound, eval_bound = trial_cost_bounds(trial_cfg, shape, len(eval_rows))

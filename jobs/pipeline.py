@@ -1,4 +1,4 @@
-"""Ray Job entrypoint for the main job: generate -> score -> select -> finetune -> sweep -> serve.
+"""Ray Job entrypoint for the main job: generate -> score -> select -> sweep -> finetune -> serve.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/pipeline.py --config jobs/configs/pipeline_small.yaml
@@ -14,7 +14,7 @@ import logging
 import sys
 
 from frugalray.config import ConfigError, load_config
-from frugalray.pipeline import PipelineConfig, run_pipeline
+from frugalray.pipeline import PipelineConfig, run_pipeline, summary_exit_code
 
 
 def main() -> int:
@@ -33,7 +33,7 @@ def main() -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0 if summary["ledger_matches_stages"] else 1
+    return summary_exit_code(summary)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default="serve/config.yaml", help="Serve config (serve/config.yaml)")
     serve.add_argument("--address", default=None)
 
-    pipe = sub.add_parser("pipeline", help="generate -> score -> select -> finetune -> sweep -> serve-and-query")
+    pipe = sub.add_parser("pipeline", help="generate -> score -> select -> sweep -> finetune (sweep winner) -> serve-and-query")
     _add_stage_args(pipe)
 
     from frugalray.train.memory import add_plan_memory_parser
@@ -227,12 +227,11 @@ def cmd_serve(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from frugalray.pipeline import PipelineConfig, run_pipeline
     from frugalray.config import load_config
+    from frugalray.pipeline import PipelineConfig, run_pipeline, summary_exit_code
 
     cfg = load_config(PipelineConfig, args.config, args.overrides)
-    run_pipeline(cfg, run_dir=args.run_dir, address=args.address)
-    return 0
+    return summary_exit_code(run_pipeline(cfg, run_dir=args.run_dir, address=args.address))
 
 
 def cmd_ledger(args) -> int:

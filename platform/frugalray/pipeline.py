@@ -1,9 +1,14 @@
-"""The main job: generate -> score -> select -> finetune -> sweep -> serve-and-query.
+"""The main job: generate -> score -> select -> sweep -> finetune -> serve-and-query.
 
 Reads top to bottom: validate every stage's config with the paths this run will use
 (all problems at once, before any Ray work), then run the stages in order on one Ray
 cluster, each recording what it spent in `run_dir/ledger.jsonl`, and finish with a
-summary table (also `summary.json`).
+summary table (also `summary.json`) that ends in a verdict: did fine-tuning help?
+
+The sweep searches recipes of the method the served adapter uses; the finetune trains the
+served adapter with the sweep's winner (a trial's result is its last reported metric). Eval
+losses (sweep and finetune) use a clean validation set of their own; the held-out accuracy
+questions are never used to choose anything.
 """
 
 from __future__ import annotations
@@ -18,14 +23,20 @@ from pydantic import Field
 
 from frugalray.config import ConfigError, StrictModel, parse_config
 from frugalray.models import DEFAULT_MODEL, resolve_model
+from frugalray.stats import paired_difference
 
 log = logging.getLogger(__name__)
 
 
 class HeldoutConfig(StrictModel):
-    n_rows: int = Field(40, ge=1, description="clean held-out tasks for accuracy before/after fine-tuning")
+    n_rows: int = Field(200, ge=1, description="clean held-out tasks for accuracy before/after fine-tuning")
     seed: int = 10_000
     max_tokens: int = Field(16, ge=1, description="completion tokens per held-out answer (greedy)")
+    validation_rows: int = Field(
+        32, ge=1, description="clean rows (seed + 1) for the sweep's and finetune's eval loss; never the accuracy questions")
+    # The paired gain (fine-tuned minus base, in accuracy points) the job must reach; below it the job
+    # prints its verdict and exits non-zero. None: report only.
+    min_gain_points: float | None = None
 
 
 class QueryConfig(StrictModel):
@@ -62,6 +73,7 @@ class StagePlan:
         self.run_dir = run_dir
         self.tasks_path = run_dir / "data" / "tasks.jsonl"
         self.heldout_path = run_dir / "data" / "heldout.jsonl"
+        self.validation_path = run_dir / "data" / "validation.jsonl"
         self.scored_path = run_dir / "scored"
         self.selected_path = run_dir / "selected.jsonl"
         problems: list[str] = []
@@ -82,11 +94,16 @@ class StagePlan:
             **cfg.select, "input_path": str(self.scored_path), "output_path": str(self.selected_path),
         })
         finetune = {"model": cfg.model, **cfg.finetune,
-                    "data_path": str(self.selected_path), "eval_path": str(self.heldout_path)}
+                    "data_path": str(self.selected_path), "eval_path": str(self.validation_path)}
         self.finetune = stage("finetune", FinetuneConfig, finetune)
         sweep = dict(cfg.sweep)
         sweep["finetune"] = {**finetune, **sweep.get("finetune", {})}
         self.sweep = stage("sweep", SweepConfig, sweep)
+        if self.sweep is not None and self.finetune is not None and self.sweep.finetune.method != self.finetune.method:
+            problems.append(
+                f"sweep.finetune.method: '{self.sweep.finetune.method}' but finetune.method is "
+                f"'{self.finetune.method}'; the served adapter is trained with the sweep's winning recipe, "
+                "so the sweep must search the same method (drop sweep.finetune.method)")
         self.serve = stage("serve", ServeConfig, {"model": cfg.model, **cfg.serve})
         try:
             model_path = resolve_model(cfg.model, field="model")
@@ -94,7 +111,7 @@ class StagePlan:
             problems.extend(err.problems)
             model_path = None
         if model_path and self.sweep is not None:
-            problems.extend(self._sweep_cap_problems(model_path, cfg.heldout.n_rows))
+            problems.extend(self._sweep_cap_problems(model_path, cfg.heldout.validation_rows))
         if problems:
             raise ConfigError(problems, "pipeline config")
 
@@ -120,6 +137,14 @@ class StagePlan:
             return [f"sweep.flop_cap: {self.sweep.flop_cap:.4g} FLOPs cannot pay for one training step plus its "
                     f"evaluation of the cheapest trial ({cheapest:.4g}); raise it to at least {cheapest:.4g}"]
         return []
+
+    def finetune_with(self, winner: dict[str, Any] | None):
+        """The served adapter's config: the finetune section with the sweep winner's searched values."""
+        from frugalray.train.finetune import FinetuneConfig
+
+        if not winner:
+            return self.finetune
+        return parse_config(FinetuneConfig, {**self.finetune.model_dump(), **winner}, "finetune (sweep winner)")
 
     def serve_with_adapter(self, adapter_name: str, adapter_path: str):
         from frugalray.serve.config import ServeConfig
@@ -169,7 +194,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path | None = None, address
         log.info("a previous run's ledger in %s moved to %s; this run starts a fresh one", run_dir, kept.name)
     ledger = ComputeLedger(run_dir)
     started = time.time()
-    steps = ["generate", "score", "select", "finetune", "sweep", "serve"]
+    steps = ["generate", "score", "select", "sweep", "finetune", "serve"]
     bar = tqdm(total=len(steps), desc="pipeline", unit="stage")
     results: dict[str, Any] = {}
 
@@ -177,21 +202,25 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path | None = None, address
         bar.set_postfix_str(f"{name} done, {time.time() - started:.0f}s")
         bar.update(1)
 
-    # 1. generate: noisy training tasks + clean held-out tasks (no Ray work)
+    # 1. generate: noisy training tasks + clean held-out questions + a clean validation set (no Ray work)
     t0 = time.time()
     rows = generate_tasks(plan.generate)
     write_rows(rows, plan.tasks_path)
     train_instructions = {r["instruction"] for r in rows}
-    heldout = make_eval_set(
-        cfg.heldout.n_rows, seed=cfg.heldout.seed, families=plan.generate.families,
-        max_digits=plan.generate.max_digits, operations=plan.generate.operations,
-        exclude_instructions=train_instructions,
-    )
+    style = plan.generate.response_style  # held-out questions are asked as the training rows are
+    common = {"families": plan.generate.families, "max_digits": plan.generate.max_digits,
+              "operations": plan.generate.operations, "response_style": style}
+    heldout = make_eval_set(cfg.heldout.n_rows, seed=cfg.heldout.seed,
+                            exclude_instructions=train_instructions, **common)
     write_rows(heldout, plan.heldout_path)
+    validation = make_eval_set(cfg.heldout.validation_rows, seed=cfg.heldout.seed + 1,
+                               exclude_instructions=train_instructions | {r["instruction"] for r in heldout}, **common)
+    write_rows(validation, plan.validation_path)
     noisy = sum(r["noise_kind"] != "none" for r in rows)
-    ledger.record("generate", flops=0.0, wall_s=time.time() - t0,
-                  produced={"rows": len(rows), "noisy_rows": noisy, "heldout_rows": len(heldout)})
-    results["generate"] = {"rows": len(rows), "noisy_rows": noisy, "heldout_rows": len(heldout)}
+    produced = {"rows": len(rows), "noisy_rows": noisy, "heldout_rows": len(heldout),
+                "validation_rows": len(validation)}
+    ledger.record("generate", flops=0.0, wall_s=time.time() - t0, produced=produced)
+    results["generate"] = produced
     stage_done("generate")
 
     init_ray(address)
@@ -203,12 +232,15 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path | None = None, address
     bar.set_description("pipeline: select")
     results["select"] = run_select(plan.select, run_dir, ledger)
     stage_done("select")
-    bar.set_description("pipeline: finetune")
-    results["finetune"] = ft = run_finetune(plan.finetune, run_dir / "finetune", ledger)
-    stage_done("finetune")
     bar.set_description("pipeline: sweep")
-    results["sweep"] = run_sweep(plan.sweep, run_dir / "sweep", ledger)
+    results["sweep"] = sweep = run_sweep(plan.sweep, run_dir / "sweep", ledger)
     stage_done("sweep")
+    bar.set_description("pipeline: finetune")
+    served_cfg = plan.finetune_with(sweep.best_config)
+    results["served_recipe"] = served_recipe(served_cfg, sweep)
+    log.info("finetune: %s", results["served_recipe"]["why"])
+    results["finetune"] = ft = run_finetune(served_cfg, run_dir / "finetune", ledger)
+    stage_done("finetune")
 
     # 6. serve base + adapter; held-out accuracy before/after; budgeted queries
     bar.set_description("pipeline: serve")
@@ -246,12 +278,80 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path | None = None, address
     stage_done("serve")
     bar.close()
 
-    summary = build_summary(results, ledger, wall_s=time.time() - started)
+    summary = build_summary(results, ledger, wall_s=time.time() - started, min_gain_points=cfg.heldout.min_gain_points)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(format_summary(summary, run_dir))
     report_path = write_report(run_dir)
     print(f"report: {report_path}")
     return summary
+
+
+RECIPE_FIELDS = ("method", "learning_rate", "lora_rank", "lora_alpha", "max_steps", "batch_size", "lr_scheduler",
+                 "warmup_steps", "max_grad_norm", "compute_dtype")
+
+
+def served_recipe(finetune_cfg: Any, sweep: Any) -> dict[str, Any]:
+    """What the served adapter is trained with, and why (the sweep's winner, or the config's own recipe)."""
+    recipe = {k: _get(finetune_cfg, k) for k in RECIPE_FIELDS}
+    best = _get(sweep, "best_config")
+    metric = _get(sweep, "metric", "eval_loss")
+    trials = [t for t in (_get(sweep, "trials", None) or []) if _get(t, "metric") is not None]
+    if not best:
+        recipe.update(source="config", why=f"the sweep found no trial with a finite {metric}; "
+                                             "trained with the finetune section's recipe")
+        return recipe
+    chosen = ", ".join(f"{k}={v}" for k, v in best.items())
+    others = "; ".join(f"{', '.join(f'{k}={v}' for k, v in _get(t, 'config').items())}: {_get(t, 'metric'):.4f}"
+                       for t in trials if _get(t, "config") != best)
+    recipe.update(source="sweep winner", why=(
+        f"the sweep's winner ({chosen}: final {metric} {_get(sweep, 'best_metric'):.4f}, the best of {len(trials)} "
+        f"trials{'; ' + others if others else ''}), trained for {recipe['max_steps']} steps"))
+    return recipe
+
+
+def finetune_verdict(paired: Any, min_gain_points: float | None, ft: Any) -> dict[str, Any]:
+    """Did fine-tuning help? `paired` is the fine-tuned-minus-base PairedDifference on the same questions.
+
+    helped: the 95% interval lies above zero (and the gain reaches `min_gain_points` when set).
+    Otherwise the line says so loudly and names the likeliest cause from the training figures."""
+    gain = 100 * paired.diff
+    significant = paired.ci_low > 0
+    helped = significant and (min_gain_points is None or gain >= min_gain_points)
+    first, last = _get(ft, "first_loss"), _get(ft, "final_loss")
+    before, after = _get(ft, "eval_loss_before"), _get(ft, "eval_loss_after")
+    if helped:
+        line = f"fine-tuning helped: {paired.describe()}"
+        cause = None
+    else:
+        if first is not None and last is not None and last > 0.9 * first:
+            cause = (f"training did not learn (train loss {first:.3f} -> {last:.3f}): check learning_rate and that "
+                     "gradients reach the adapter (QLoRA on an AVX512-BF16 CPU used to lose them after an eval)")
+        elif before is not None and after is not None and after >= before:
+            cause = (f"the adapter got worse on the validation rows (eval loss {before:.3f} -> {after:.3f}): "
+                     "overfitting or a learning rate too high")
+        elif not significant:
+            cause = ("the gain is within noise: too few training steps, too few held-out questions to resolve it, "
+                     "or training responses that do not teach the answer the accuracy check reads")
+        else:
+            cause = f"the gain {gain:+.1f} points is below min_gain_points {min_gain_points}"
+        line = f"FINE-TUNING DID NOT HELP: {paired.describe()}. Likely cause: {cause}"
+    return {"helped": helped, "line": line, "cause": cause, "gain_points": gain,
+            "ci95_points": [100 * paired.ci_low, 100 * paired.ci_high], "min_gain_points": min_gain_points}
+
+
+def summary_exit_code(summary: dict[str, Any]) -> int:
+    """0 when the run kept its promises; 1 when the ledger does not add up; 3 when the fine-tuned
+    model missed `heldout.min_gain_points` (everything is written first, so nothing is lost)."""
+    if not summary["ledger_matches_stages"]:
+        return 1
+    verdict = summary["verdict"]
+    if verdict["min_gain_points"] is not None and not verdict["helped"]:
+        return 3
+    return 0
+
+
+def _correct(evaluation: Any) -> list[bool]:
+    return [a is not None and a == g for a, g in zip(evaluation.answers, evaluation.gold)]
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
@@ -277,8 +377,10 @@ def finetune_curve(ft: Any) -> dict[str, Any] | None:
     return {"loss": losses, "flops": cumulative, "flops_source": source}
 
 
-def build_summary(results: dict[str, Any], ledger, wall_s: float) -> dict[str, Any]:
+def build_summary(results: dict[str, Any], ledger, wall_s: float, min_gain_points: float | None = None) -> dict[str, Any]:
     sel, ft, sw, sv = results["select"], results["finetune"], results["sweep"], results["serve"]
+    paired = paired_difference(_correct(sv["after"]), _correct(sv["before"]))
+    verdict = finetune_verdict(paired, min_gain_points, ft)
     per_stage = ledger.totals_by_stage()
     stage_flops = {
         "score": _get(results["score"], "flops", 0.0),
@@ -311,6 +413,10 @@ def build_summary(results: dict[str, Any], ledger, wall_s: float) -> dict[str, A
         "heldout_accuracy_before": sv["before"].accuracy,
         "heldout_accuracy_after": sv["after"].accuracy,
         "heldout_n": sv["before"].n,
+        "heldout_paired": paired.as_dict(),
+        "verdict": verdict,
+        "served_recipe": results.get("served_recipe"),
+        "quantization": _get(ft, "quantization"),
         "sweep_best_config": _get(sw, "best_config"),
         "sweep_best_metric": _get(sw, "best_metric"),
         "sweep_flops_spent": _get(sw, "flops_spent"),
@@ -340,10 +446,23 @@ def format_summary(s: dict[str, Any], run_dir: Path) -> str:
         f"{'train loss (first -> last)':<28} {f(s['train_loss_first'])} -> {f(s['train_loss_final'])}",
         f"{'held-out loss (before->after)':<28} {f(s['eval_loss_before'])} -> {f(s['eval_loss_after'])}",
         f"{'held-out accuracy':<28} base {f(s['heldout_accuracy_before'], '.1%')} -> fine-tuned "
-        f"{f(s['heldout_accuracy_after'], '.1%')} (n={s['heldout_n']}, greedy)",
-        f"{'sweep best':<28} {s['sweep_best_config']} metric {f(s['sweep_best_metric'])}",
+        f"{f(s['heldout_accuracy_after'], '.1%')} (n={s['heldout_n']}, greedy, same questions)",
+        f"{'paired difference':<28} {100 * s['heldout_paired']['diff']:+.1f} points, 95% CI "
+        f"{100 * s['heldout_paired']['ci_low']:+.1f} to {100 * s['heldout_paired']['ci_high']:+.1f} "
+        f"({s['heldout_paired']['a_only']} questions gained, {s['heldout_paired']['b_only']} lost)",
+        f"{'sweep best (final metric)':<28} {s['sweep_best_config']} metric {f(s['sweep_best_metric'])}",
         f"{'sweep FLOPs':<28} {_fmt_flops(s['sweep_flops_spent'] or 0)} spent of cap {_fmt_flops(s['sweep_flop_cap'] or 0)}",
     ]
+    recipe = s.get("served_recipe")
+    if recipe:
+        lines.append(f"{'served adapter':<28} {recipe['method']} lr {recipe['learning_rate']:g}, rank "
+                     f"{recipe['lora_rank']}, {recipe['max_steps']} steps, {recipe['lr_scheduler']} "
+                     f"(warmup {recipe['warmup_steps']}), clip {recipe['max_grad_norm']}: {recipe['source']}")
+        lines.append(f"{'':<28} why: {recipe['why']}")
+    quant = s.get("quantization")
+    if quant:
+        lines.append(f"{'4-bit quantization cost':<28} eval loss {quant['eval_loss_4bit']:.3f} (NF4 base) vs "
+                     f"{quant['eval_loss_full']:.3f} (unquantized), {quant['eval_loss_increase']:+.3f}")
     for q in s["served_answers"]:
         lines.append(f"{'served (budgeted)':<28} {q['prompt'][:40]!r} -> {q['answer']} (gold {q['gold']})")
     u = s["served_usage"]
@@ -357,5 +476,11 @@ def format_summary(s: dict[str, Any], run_dir: Path) -> str:
     lines.append(f"{'total':<12} {_fmt_flops(s['ledger_total_flops']):>12}")
     check = "OK" if s["ledger_matches_stages"] else f"MISMATCH {s['ledger_mismatches']}"
     lines.append(f"ledger vs stage results: {check}; ledger at {run_dir / 'ledger.jsonl'}")
+    lines.append("=" * 72)
+    verdict = s["verdict"]
+    if verdict["helped"]:
+        lines.append(f"VERDICT: {verdict['line']}")
+    else:
+        lines += ["!" * 72, f"VERDICT: {verdict['line']}", "!" * 72]
     lines.append("=" * 72)
     return "\n".join(lines)

@@ -184,21 +184,25 @@ def collect_report_data(run_dir: str | Path) -> ReportData:
 
 
 def sweep_frontier(trials: list[TrialCurve]) -> tuple[list[float], list[float]]:
-    """Best metric so far (lower is better) vs FLOPs spent by the whole sweep, trials in start order.
+    """The sweep's result so far (lower is better) vs FLOPs spent by the whole sweep, trials in start order.
 
-    Trials overlap in time; ordering each trial's reports after the earlier trials is the
-    serial-equivalent spend, which is what a FLOP budget counts.
+    A trial's result is its *last* reported metric, everywhere (the sweep's best_config, the
+    pipeline summary, this report): a trial that got worse after a good report ends worse. So the
+    frontier at each point is the best of every trial's latest metric, and its end is the sweep's
+    best trial. Trials overlap in time; ordering each trial's reports after the earlier trials is
+    the serial-equivalent spend, which is what a FLOP budget counts.
     """
-    spent, best = 0.0, math.inf
+    spent = 0.0
+    latest: dict[int, float] = {}
     xs, ys = [], []
-    for trial in trials:
+    for index, trial in enumerate(trials):
         previous = 0.0
         for flops, metric in zip(trial.flops, trial.metric, strict=True):
             spent += max(flops - previous, 0.0)
             previous = flops
-            best = min(best, metric)
+            latest[index] = metric
             xs.append(spent)
-            ys.append(best)
+            ys.append(min(latest.values()))
     return xs, ys
 
 
@@ -251,7 +255,7 @@ def _plots(data: ReportData, out_dir: Path) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(6, 3.2))
         ax.step(xs, ys, where="post")
         ax.set_xlabel("sweep FLOPs spent")
-        ax.set_ylabel(f"best {data.trial_metric}")
+        ax.set_ylabel(f"best trial's latest {data.trial_metric}")
         ax.set_title("Sweep frontier")
         save(fig, "report_sweep_frontier.png", "frontier")
     if data.serving_points:
@@ -300,10 +304,11 @@ def render_markdown(data: ReportData, plots: dict[str, str]) -> str:
     if data.trials:
         xs, ys = sweep_frontier(data.trials)
         lines += ["## Sweep", "", f"{len(data.trials)} trials; serial-equivalent FLOPs {xs[-1]:.3e}; "
-                  f"best {data.trial_metric} {ys[-1]:.4f}.", ""]
-        lines += ["| trial config | last FLOPs | best metric |", "|---|---:|---:|"]
+                  f"best trial's final {data.trial_metric} {ys[-1]:.4f} (a trial's result is its last report).", ""]
+        lines += ["| trial config | last FLOPs | final metric | best report |", "|---|---:|---:|---:|"]
         for trial in data.trials:
-            lines.append(f"| {_short_config(trial.config)} | {trial.flops[-1]:.3e} | {min(trial.metric):.4f} |")
+            lines.append(f"| {_short_config(trial.config)} | {trial.flops[-1]:.3e} | {trial.metric[-1]:.4f} | "
+                         f"{min(trial.metric):.4f} |")
         lines.append("")
         if "frontier" in plots:
             lines += [f"![sweep frontier]({plots['frontier']})", ""]

@@ -58,6 +58,16 @@ def test_frontier_is_serial_spend_and_running_best(run_dir):
     assert ys == [2.0, 1.5, 1.5]
 
 
+def test_a_trial_counts_with_its_last_report_not_its_best():
+    from frugalray.report import TrialCurve
+
+    # t0 dips to 0.9 and ends at 1.6; t1 ends at 1.2: the sweep's best trial is t1 (1.2), as in the summary.
+    trials = [TrialCurve("t0", {"lr": 1}, [1e11, 2e11, 3e11], [2.0, 0.9, 1.6], 0.0),
+              TrialCurve("t1", {"lr": 2}, [1e11, 2e11], [1.5, 1.2], 1.0)]
+    xs, ys = sweep_frontier(trials)
+    assert ys == [2.0, 0.9, 1.6, 1.5, 1.2]
+
+
 def test_write_report_makes_markdown_and_plots(run_dir):
     path = write_report(run_dir)
     text = path.read_text()

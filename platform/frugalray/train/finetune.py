@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from frugalray.config import ConfigError, StrictModel
 from frugalray.data.loaders import FieldMapping
-from frugalray.models import DEFAULT_MODEL
+from frugalray.models import DEFAULT_MODEL, has_fast_bf16
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,9 @@ class FinetuneConfig(StrictModel):
     export_merged: bool = False
     # Memory per device the planner checks the config against ("24GiB"); None: what this host has.
     device_memory: str | None = None
+    # qlora: before training, score the eval rows with the 4-bit base and with the same base
+    # unquantized (loaded once more, at compute_dtype), and log what quantization costs in eval loss.
+    measure_quantization_error: bool = False
     # Testing only: kill a worker process mid-run to exercise recovery.
     inject_fault: KillWorker | None = None
 
@@ -133,6 +136,8 @@ class FinetuneResult(BaseModel):
     restarts: int = 0  # worker-group restarts Ray Train made after failures
     repeated_steps: int = 0  # steps computed twice because a failure lost them
     host_ram_mb: list[dict[str, float]] = []  # per rank: RSS after loading and sharding, and its growth
+    # measure_quantization_error: eval_loss_4bit, eval_loss_full, eval_loss_increase (before training)
+    quantization: dict[str, float] | None = None
 
 
 @dataclass
@@ -390,6 +395,15 @@ def finetune_worker(config: dict[str, Any]) -> None:
         extras["eval_before"] = before.loss if before else None
         extras["eval_flops"] = before.flops if before else 0.0
         extras["eval_tokens"] = before.tokens if before else 0
+        quant = session.quantization_error(config["model_path"]) if cfg.get("measure_quantization_error") else None
+        if quant is not None:
+            extras["eval_flops"] += quant["flops"]
+            extras["eval_tokens"] += quant["tokens"]
+            if rank == 0:
+                log.warning("quantization: eval loss %.4f with the 4-bit (NF4) base vs %.4f unquantized (%+.4f), "
+                            "%s compute, %d eval rows", quant["eval_loss_4bit"], quant["eval_loss_full"],
+                            quant["eval_loss_increase"], session.compute_dtype, session._eval_total)
+        extras["quantization"] = quant
     attempt = uuid.uuid4().hex[:8]
     max_steps, every = int(cfg["max_steps"]), int(cfg.get("checkpoint_every") or 0)
     fault = cfg.get("inject_fault")
@@ -434,6 +448,7 @@ def finetune_worker(config: dict[str, Any]) -> None:
         "compute_dtype": session.compute_dtype,
         "fsdp": session.use_fsdp,
         "host_ram_mb": host_ram,
+        "quantization": extras.get("quantization"),
     }
     with tempfile.TemporaryDirectory() as tmp:
         session.save_checkpoint(tmp)
@@ -520,6 +535,9 @@ def run_finetune(cfg: FinetuneConfig, run_dir: str | Path, ledger=None) -> Finet
         raise ConfigError(problems)
     resume = find_latest_checkpoint(cfg.resume_from) if cfg.resume_from else None
     start_step = (checkpoint_step(resume) or 0) if resume else 0
+    if cfg.compute_dtype == "bfloat16" and not use_gpu and not has_fast_bf16():
+        log.warning("compute_dtype bfloat16 as asked, on a CPU without native bf16: it is emulated (a 4-bit "
+                    "step ran about 27x slower); compute_dtype 'auto' picks float32 here")
     run_dir.mkdir(parents=True, exist_ok=True)
     steps_path = run_dir / "steps.jsonl"
     log.info(
@@ -607,6 +625,7 @@ def run_finetune(cfg: FinetuneConfig, run_dir: str | Path, ledger=None) -> Finet
         restarts=max(0, len(attempts) - 1),
         repeated_steps=repeated,
         host_ram_mb=list(metrics.get("host_ram_mb") or []),
+        quantization=metrics.get("quantization"),
     )
     step_seconds = out.step_seconds
     ledger = ledger or ComputeLedger(run_dir)
@@ -632,6 +651,7 @@ def run_finetune(cfg: FinetuneConfig, run_dir: str | Path, ledger=None) -> Finet
         eval_loss_before=out.eval_loss_before,
         eval_loss_after=out.eval_loss_after,
         mean_step_s=sum(step_seconds) / len(step_seconds) if step_seconds else None,
+        quantization=out.quantization,
     )
     log.info(
         "finetune done: loss %.4f -> %.4f, eval %s -> %s, %.3g FLOPs, %.0fs; adapter at %s",

@@ -271,20 +271,21 @@ class TrainingSession:
 
         return self.device if torch.distributed.get_backend() == "nccl" else "cpu"
 
-    def _autocast(self):
+    def _autocast(self, plain_weights: bool):
         import torch
 
-        if self.method != "qlora" and self.compute_dtype == "bfloat16":
+        # 4-bit layers compute in their own compute dtype; full-precision weights need autocast for bf16.
+        if plain_weights and self.compute_dtype == "bfloat16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def _loss_sum(self, batch: dict[str, Any]):
+    def _loss_sum(self, batch: dict[str, Any], model: Any = None):
         import torch.nn.functional as F
 
         from frugalray.data.formatting import IGNORE_INDEX
 
-        with self._autocast():
-            logits = self.model(
+        with self._autocast(plain_weights=model is not None or self.method != "qlora"):
+            logits = (model or self.model)(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
             ).logits
         shifted = logits[:, :-1].float().reshape(-1, logits.shape[-1])
@@ -352,15 +353,18 @@ class TrainingSession:
         loss_all, tokens_all, flops_all = self._all_reduce_sum([loss_sum, tokens, flops])
         return StepStats(loss=loss_all / global_loss_tokens, tokens=int(tokens_all), flops=flops_all)
 
-    def evaluate(self) -> StepStats | None:
-        """Token-weighted mean loss over the eval rows (split over ranks); None without rows."""
+    def evaluate(self, model: Any = None) -> StepStats | None:
+        """Token-weighted mean loss over the eval rows (split over ranks); None without rows.
+
+        `model`: another model with full-precision weights to score on the same rows at this
+        session's compute dtype (e.g. the unquantized base, to measure what 4-bit costs)."""
         if not self.cfg.get("eval_rows") or not self._eval_total:
             return None
         import torch
 
         from frugalray.data.formatting import IGNORE_INDEX, pad_batch
 
-        self.model.eval()
+        (model or self.model).eval()
         # FSDP all-gathers inside every forward: all ranks must run the same number of them.
         per_rank = -(-self._eval_total // self.world_size)
         n_batches = -(-per_rank // self.batch_size)
@@ -371,7 +375,7 @@ class TrainingSession:
                 dummy = not chunk
                 batch = pad_batch(chunk or self.eval_examples[:1] or [_one_token_example(self)],
                                   self.tokenizer.pad_token_id)
-                part = float(self._loss_sum(self._to_device(batch)))
+                part = float(self._loss_sum(self._to_device(batch), model))
                 if dummy:
                     continue
                 nll += part
@@ -384,6 +388,26 @@ class TrainingSession:
         if loss_tokens == 0:
             return None
         return StepStats(loss=nll / loss_tokens, tokens=int(tokens), flops=flops)
+
+    def quantization_error(self, model_path: str) -> dict[str, float] | None:
+        """Eval loss of this session's 4-bit base against the same base unquantized, on the eval rows.
+
+        Call before the first step: LoRA starts as a no-op (lora_B = 0), so the session's model is
+        still the quantized base. None for methods without 4-bit weights or without eval rows."""
+        if self.method != "qlora" or self.steps_done:
+            return None
+        from frugalray.models import load_causal_lm
+
+        quantized = self.evaluate()
+        if quantized is None:
+            return None
+        full_model = load_causal_lm(model_path).to(self.device)
+        full = self.evaluate(model=full_model)
+        del full_model
+        assert full is not None
+        return {"eval_loss_4bit": quantized.loss, "eval_loss_full": full.loss,
+                "eval_loss_increase": quantized.loss - full.loss, "flops": quantized.flops + full.flops,
+                "tokens": quantized.tokens + full.tokens}
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, directory: str) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import Field
 
 from frugalray.config import ConfigError, StrictModel, parse_config
+from frugalray.data.generate import REPLY_SUFFIX
 from frugalray.models import DEFAULT_MODEL, resolve_model
 from frugalray.stats import paired_difference
 
@@ -251,19 +252,25 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path | None = None, address
     base_url = deploy(serve_cfg)
     startup_s = time.time() - t0
     try:
+        # 16 at once: the engine batches them (an adapter's requests took ~4.8 s each, 4 at a time, on 2 cores).
         before = evaluate(base_url, serve_cfg.model_name, heldout, max_tokens=cfg.heldout.max_tokens,
-                          api_key=api_key)
+                          api_key=api_key, concurrency=16)
         after = evaluate(base_url, adapter_name, heldout, max_tokens=cfg.heldout.max_tokens,
-                         api_key=api_key)
+                         api_key=api_key, concurrency=16)
+        # The base at its best, too: untold to answer briefly it often explains at length and is cut off.
+        told = [{**r, "instruction": f"{r['instruction']} {REPLY_SUFFIX}"} for r in heldout
+                if not r["instruction"].endswith(REPLY_SUFFIX)]
+        before_told = evaluate(base_url, serve_cfg.model_name, told, max_tokens=cfg.heldout.max_tokens,
+                               api_key=api_key, concurrency=16) if len(told) == len(heldout) else None
         queries = heldout[: cfg.query.n_prompts]
         budgeted = evaluate(base_url, adapter_name, queries, max_tokens=cfg.query.max_tokens,
                             compute_budget={"max_samples": cfg.query.max_samples},
                             api_key=api_key, concurrency=1) if queries else None
     finally:
         shutdown_app(serve_cfg.app_name)
-    serve_flops = before.usage["flops"] + after.usage["flops"] + (budgeted.usage["flops"] if budgeted else 0.0)
-    serve_tokens = sum(int(e.usage.get("prompt_tokens", 0) + e.usage.get("completion_tokens", 0))
-                       for e in (before, after, budgeted) if e is not None)
+    evaluations = [e for e in (before, after, before_told, budgeted) if e is not None]
+    serve_flops = sum(e.usage["flops"] for e in evaluations)
+    serve_tokens = sum(int(e.usage.get("prompt_tokens", 0) + e.usage.get("completion_tokens", 0)) for e in evaluations)
     serve_produced = {"accuracy_base": before.accuracy, "accuracy_finetuned": after.accuracy,
                       "startup_s": round(startup_s, 1), "budgeted_queries": len(queries)}
     # Per-query cost next to accuracy, so the report can plot accuracy vs compute for each way of answering.
@@ -273,7 +280,8 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path | None = None, address
             serve_produced[f"flops_per_query_{label}"] = evaluation.usage["flops"] / evaluation.n
     ledger.record("serve", flops=serve_flops, tokens=serve_tokens, wall_s=time.time() - t0,
                   produced=serve_produced)
-    results["serve"] = {"before": before, "after": after, "budgeted": budgeted, "queries": queries,
+    results["serve"] = {"before": before, "after": after, "before_told": before_told, "budgeted": budgeted,
+                        "queries": queries,
                         "flops": serve_flops, "startup_s": startup_s}
     stage_done("serve")
     bar.close()
@@ -379,7 +387,10 @@ def finetune_curve(ft: Any) -> dict[str, Any] | None:
 
 def build_summary(results: dict[str, Any], ledger, wall_s: float, min_gain_points: float | None = None) -> dict[str, Any]:
     sel, ft, sw, sv = results["select"], results["finetune"], results["sweep"], results["serve"]
-    paired = paired_difference(_correct(sv["after"]), _correct(sv["before"]))
+    # The verdict compares with the base at its best: as asked, or told to reply with only the number.
+    told = sv.get("before_told")
+    base = told if told is not None and told.correct > sv["before"].correct else sv["before"]
+    paired = paired_difference(_correct(sv["after"]), _correct(base))
     verdict = finetune_verdict(paired, min_gain_points, ft)
     per_stage = ledger.totals_by_stage()
     stage_flops = {
@@ -411,6 +422,8 @@ def build_summary(results: dict[str, Any], ledger, wall_s: float, min_gain_point
         "eval_loss_before": _get(ft, "eval_loss_before"),
         "eval_loss_after": _get(ft, "eval_loss_after"),
         "heldout_accuracy_before": sv["before"].accuracy,
+        "heldout_accuracy_before_told": told.accuracy if told is not None else None,
+        "verdict_base": "told 'Reply with only the number.'" if base is told else "as asked",
         "heldout_accuracy_after": sv["after"].accuracy,
         "heldout_n": sv["before"].n,
         "heldout_paired": paired.as_dict(),
@@ -444,15 +457,18 @@ def format_summary(s: dict[str, Any], run_dir: Path) -> str:
         f"{'data':<28} rows in {s['rows_in']}, kept {s['rows_kept']}, dropped {s['rows_dropped']}, "
         f"quarantined {s['rows_quarantined']} (noisy generated: {s['noisy_rows_generated']})",
         f"{'train loss (first -> last)':<28} {f(s['train_loss_first'])} -> {f(s['train_loss_final'])}",
-        f"{'held-out loss (before->after)':<28} {f(s['eval_loss_before'])} -> {f(s['eval_loss_after'])}",
+        f"{'validation loss (bef->aft)':<28} {f(s['eval_loss_before'])} -> {f(s['eval_loss_after'])}",
         f"{'held-out accuracy':<28} base {f(s['heldout_accuracy_before'], '.1%')} -> fine-tuned "
         f"{f(s['heldout_accuracy_after'], '.1%')} (n={s['heldout_n']}, greedy, same questions)",
-        f"{'paired difference':<28} {100 * s['heldout_paired']['diff']:+.1f} points, 95% CI "
+        f"{'paired vs best base':<28} {100 * s['heldout_paired']['diff']:+.1f} points, 95% CI "
         f"{100 * s['heldout_paired']['ci_low']:+.1f} to {100 * s['heldout_paired']['ci_high']:+.1f} "
         f"({s['heldout_paired']['a_only']} questions gained, {s['heldout_paired']['b_only']} lost)",
         f"{'sweep best (final metric)':<28} {s['sweep_best_config']} metric {f(s['sweep_best_metric'])}",
         f"{'sweep FLOPs':<28} {_fmt_flops(s['sweep_flops_spent'] or 0)} spent of cap {_fmt_flops(s['sweep_flop_cap'] or 0)}",
     ]
+    if s.get("heldout_accuracy_before_told") is not None:
+        lines.insert(8, f"{'base told to reply briefly':<28} {s['heldout_accuracy_before_told']:.1%} (the same "
+                        f"questions + 'Reply with only the number.'); the verdict's base: {s['verdict_base']}")
     recipe = s.get("served_recipe")
     if recipe:
         lines.append(f"{'served adapter':<28} {recipe['method']} lr {recipe['learning_rate']:g}, rank "

@@ -36,10 +36,20 @@ def task_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scorer(default_model_path, task_data):
-    from frugalray.train.accuracy import AdapterAccuracy
+    """Scores adapters on the held-out questions; `base_correct` is the untrained base at its best:
+    asked the same questions as is, or told "Reply with only the number." (untold, it often explains
+    at length and is cut off), whichever it answers better. Beating only the untold base proved too
+    little: QLoRA with cut gradients still gained +25 points over it (2.5% -> 27.5%)."""
+    from frugalray.data.generate import REPLY_SUFFIX
+    from frugalray.train.accuracy import AdapterAccuracy, greedy_correct
 
     scorer = AdapterAccuracy(default_model_path, task_data["heldout"])
-    scorer.base_correct = scorer.of_base()
+    as_is = scorer.of_base()
+    told = greedy_correct(scorer.base, scorer.tokenizer,
+                          [{**r, "instruction": f"{r['instruction']} {REPLY_SUFFIX}"} for r in task_data["heldout"]])
+    print(f"untrained base: {sum(as_is) / len(as_is):.3f} as asked, {sum(told) / len(told):.3f} told to reply "
+          "with only the number")
+    scorer.base_correct = max(as_is, told, key=sum)
     return scorer
 
 

@@ -79,3 +79,44 @@ def test_served_recipe_names_the_winner_and_the_alternatives():
     assert "learning_rate=0.003: final eval_loss 0.4100, the best of 2 trials; learning_rate=0.001: 0.5200" in recipe["why"]
     fallback = served_recipe(ft, {"best_config": None, "trials": []})
     assert fallback["source"] == "config" and "no trial" in fallback["why"]
+
+
+def _evaluation(model: str, right: int, n: int = 10):
+    from frugalray.serve.client import EvalResult
+
+    answers = ["1"] * right + ["0"] * (n - right)
+    return EvalResult(model=model, n=n, correct=right, accuracy=right / n, answers=answers, gold=["1"] * n,
+                      usage={"flops": 1.0, "prompt_tokens": 1, "completion_tokens": 1, "samples": n})
+
+
+def _results(after_right: int, told_right: int | None) -> dict:
+    sweep = {"best_config": {"learning_rate": 1e-3}, "best_metric": 0.2, "flops_spent": 0.0, "flop_cap": 3.0}
+    return {
+        "generate": {"noisy_rows": 2}, "score": {"flops": 0.0}, "select": {"rows_in": 10, "kept": 8, "dropped": 2},
+        "sweep": sweep, "finetune": {"flops": 0.0, **FT_LEARNED},
+        "served_recipe": {"method": "qlora", "learning_rate": 1e-3, "lora_rank": 8, "max_steps": 40,
+                          "lr_scheduler": "linear", "warmup_steps": 4, "max_grad_norm": 1.0,
+                          "source": "sweep winner", "why": "the sweep's winner"},
+        "serve": {"before": _evaluation("base", 1), "after": _evaluation("finetuned", after_right),
+                  "before_told": None if told_right is None else _evaluation("base", told_right),
+                  "budgeted": None, "queries": [], "flops": 0.0},
+    }
+
+
+def test_the_verdict_compares_with_the_base_at_its_best(tmp_path):
+    from frugalray.budget.ledger import ComputeLedger
+    from frugalray.pipeline import build_summary, format_summary
+
+    ledger = ComputeLedger(tmp_path)
+    # The base answers 1/10 as asked but 6/10 when told to reply briefly; the adapter 7/10.
+    summary = build_summary(_results(after_right=7, told_right=6), ledger, wall_s=1.0, min_gain_points=10)
+    assert summary["verdict_base"].startswith("told")
+    assert summary["heldout_paired"]["mean_b"] == 0.6 and summary["heldout_paired"]["diff"] == pytest.approx(0.1)
+    assert not summary["verdict"]["helped"] and summary_exit_code(summary) == 3
+    text = format_summary(summary, tmp_path)
+    assert "base told to reply briefly   60.0%" in text
+    assert "!" * 72 + "\nVERDICT: FINE-TUNING DID NOT HELP: +10.0 points" in text
+
+    helped = build_summary(_results(after_right=10, told_right=None), ledger, wall_s=1.0, min_gain_points=10)
+    assert helped["verdict_base"] == "as asked" and helped["verdict"]["helped"]
+    assert "VERDICT: fine-tuning helped: +90.0 points" in format_summary(helped, tmp_path)

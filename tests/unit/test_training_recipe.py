@@ -52,3 +52,25 @@ def test_gradients_are_clipped_to_max_grad_norm(default_model_path):
     unclipped = _session(default_model_path, max_grad_norm=None)
     unclipped.step()
     assert "grad_norm" not in unclipped.history[-1]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantization_error_compares_the_4bit_base_with_the_unquantized_one(default_model_path, dtype):
+    rows = [{"prompt": f"What is {a} + 3?", "response": f"{a} + 3 = {a + 3}"} for a in range(6)]
+    from frugalray.train.loop import TrainingSession
+
+    def session(method: str):
+        cfg = FinetuneConfig(data_path="unused", method=method, lora_rank=4, lora_alpha=8, batch_size=2, seq_len=64,
+                             max_steps=2, eval_rows=4, seed=0, compute_dtype=dtype)
+        return TrainingSession(cfg.model_dump(mode="json"), default_model_path, rows, rows[:4], threads=2)
+
+    qlora = session("qlora")
+    quant = qlora.quantization_error(default_model_path)
+    # The unquantized side is the base a LoRA session starts from (lora_B = 0), at the same compute dtype.
+    lora_start = session("lora").evaluate()
+    assert quant["eval_loss_full"] == pytest.approx(lora_start.loss, rel=1e-4)
+    assert quant["eval_loss_4bit"] == pytest.approx(qlora.evaluate().loss, rel=1e-6)
+    assert quant["eval_loss_increase"] == pytest.approx(quant["eval_loss_4bit"] - quant["eval_loss_full"])
+    assert quant["eval_loss_increase"] != 0.0 and quant["flops"] > 0
+    qlora.step()
+    assert qlora.quantization_error(default_model_path) is None  # the adapter is no longer a no-op

@@ -395,7 +395,8 @@ def finetune_worker(config: dict[str, Any]) -> None:
         extras["eval_before"] = before.loss if before else None
         extras["eval_flops"] = before.flops if before else 0.0
         extras["eval_tokens"] = before.tokens if before else 0
-        quant = session.quantization_error(config["model_path"]) if cfg.get("measure_quantization_error") else None
+        quant = (session.quantization_error(config["model_path"], quantized=before)
+                 if cfg.get("measure_quantization_error") and before is not None else None)
         if quant is not None:
             extras["eval_flops"] += quant["flops"]
             extras["eval_tokens"] += quant["tokens"]

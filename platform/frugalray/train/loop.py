@@ -389,25 +389,30 @@ class TrainingSession:
             return None
         return StepStats(loss=nll / loss_tokens, tokens=int(tokens), flops=flops)
 
-    def quantization_error(self, model_path: str) -> dict[str, float] | None:
+    def quantization_error(self, model_path: str, quantized: StepStats | None = None) -> dict[str, float] | None:
         """Eval loss of this session's 4-bit base against the same base unquantized, on the eval rows.
 
         Call before the first step: LoRA starts as a no-op (lora_B = 0), so the session's model is
-        still the quantized base. None for methods without 4-bit weights or without eval rows."""
+        still the quantized base (`quantized`: its evaluation, when the caller already has it).
+        `flops`/`tokens` are what this call spent. None for methods without 4-bit weights or eval rows."""
         if self.method != "qlora" or self.steps_done:
             return None
         from frugalray.models import load_causal_lm
 
-        quantized = self.evaluate()
+        spent = []
+        if quantized is None:
+            quantized = self.evaluate()
+            spent.append(quantized)
         if quantized is None:
             return None
         full_model = load_causal_lm(model_path).to(self.device)
         full = self.evaluate(model=full_model)
         del full_model
         assert full is not None
+        spent.append(full)
         return {"eval_loss_4bit": quantized.loss, "eval_loss_full": full.loss,
-                "eval_loss_increase": quantized.loss - full.loss, "flops": quantized.flops + full.flops,
-                "tokens": quantized.tokens + full.tokens}
+                "eval_loss_increase": quantized.loss - full.loss, "flops": sum(e.flops for e in spent),
+                "tokens": sum(e.tokens for e in spent)}
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, directory: str) -> None:

@@ -120,3 +120,18 @@ def test_the_verdict_compares_with_the_base_at_its_best(tmp_path):
     helped = build_summary(_results(after_right=10, told_right=None), ledger, wall_s=1.0, min_gain_points=10)
     assert helped["verdict_base"] == "as asked" and helped["verdict"]["helped"]
     assert "VERDICT: fine-tuning helped: +90.0 points" in format_summary(helped, tmp_path)
+
+
+def test_a_sweep_of_another_method_than_the_served_one_is_refused(tmp_path):
+    from frugalray.config import ConfigError, load_config
+    from frugalray.pipeline import PipelineConfig, StagePlan
+
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "pipeline_small.yaml"
+    cfg = load_config(PipelineConfig, shipped, ["sweep.finetune.method=lora"])
+    with pytest.raises(ConfigError) as err:
+        StagePlan(cfg, tmp_path)
+    text = str(err.value)
+    assert "sweep.finetune.method: 'lora' but finetune.method is 'qlora'" in text
+    assert "drop sweep.finetune.method" in text

@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import Field
 
 from frugalray.config import ConfigError, StrictModel, parse_config
-from frugalray.data.generate import REPLY_SUFFIX
+from frugalray.data.generate import told_to_reply_briefly
 from frugalray.models import DEFAULT_MODEL, resolve_model
 from frugalray.stats import paired_difference
 
@@ -258,10 +258,9 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path | None = None, address
         after = evaluate(base_url, adapter_name, heldout, max_tokens=cfg.heldout.max_tokens,
                          api_key=api_key, concurrency=16)
         # The base at its best, too: untold to answer briefly it often explains at length and is cut off.
-        told = [{**r, "instruction": f"{r['instruction']} {REPLY_SUFFIX}"} for r in heldout
-                if not r["instruction"].endswith(REPLY_SUFFIX)]
+        told = told_to_reply_briefly(heldout)
         before_told = evaluate(base_url, serve_cfg.model_name, told, max_tokens=cfg.heldout.max_tokens,
-                               api_key=api_key, concurrency=16) if len(told) == len(heldout) else None
+                               api_key=api_key, concurrency=16) if told != heldout else None
         queries = heldout[: cfg.query.n_prompts]
         budgeted = evaluate(base_url, adapter_name, queries, max_tokens=cfg.query.max_tokens,
                             compute_budget={"max_samples": cfg.query.max_samples},

@@ -40,13 +40,12 @@ def scorer(default_model_path, task_data):
     asked the same questions as is, or told "Reply with only the number." (untold, it often explains
     at length and is cut off), whichever it answers better. Beating only the untold base proved too
     little: QLoRA with cut gradients still gained +25 points over it (2.5% -> 27.5%)."""
-    from frugalray.data.generate import REPLY_SUFFIX
+    from frugalray.data.generate import told_to_reply_briefly
     from frugalray.train.accuracy import AdapterAccuracy, greedy_correct
 
     scorer = AdapterAccuracy(default_model_path, task_data["heldout"])
     as_is = scorer.of_base()
-    told = greedy_correct(scorer.base, scorer.tokenizer,
-                          [{**r, "instruction": f"{r['instruction']} {REPLY_SUFFIX}"} for r in task_data["heldout"]])
+    told = greedy_correct(scorer.base, scorer.tokenizer, told_to_reply_briefly(task_data["heldout"]))
     print(f"untrained base: {sum(as_is) / len(as_is):.3f} as asked, {sum(told) / len(told):.3f} told to reply "
           "with only the number")
     scorer.base_correct = max(as_is, told, key=sum)

@@ -164,3 +164,14 @@ def test_worked_style_writes_the_equation_and_keeps_answers_checkable():
 def test_eval_set_in_worked_style():
     rows = make_eval_set(10, seed=2, response_style="worked")
     assert all(r["instruction"].endswith("?") and is_correct(r["response"], r) for r in rows)
+
+
+def test_told_to_reply_briefly_appends_the_suffix_only_where_missing():
+    from frugalray.data.generate import REPLY_SUFFIX, make_eval_set, told_to_reply_briefly
+
+    worked = make_eval_set(4, seed=3, families=["arithmetic", "compare"], response_style="worked")
+    told = told_to_reply_briefly(worked)
+    assert [r["instruction"] for r in told] == [f"{r['instruction']} {REPLY_SUFFIX}" for r in worked]
+    assert [r["answer"] for r in told] == [r["answer"] for r in worked]
+    number = make_eval_set(4, seed=3)
+    assert told_to_reply_briefly(number) == number

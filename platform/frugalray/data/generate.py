@@ -276,6 +276,13 @@ def is_correct(text: str | None, row: dict[str, Any]) -> bool:
     return extract_answer(text, row.get("family", "arithmetic")) == str(row["answer"])
 
 
+def told_to_reply_briefly(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same questions with "Reply with only the number." appended where it is missing (worked-style
+    rows), for scoring an untrained model at its best: untold, it often explains at length and is cut off."""
+    return [r if r["instruction"].endswith(REPLY_SUFFIX) else {**r, "instruction": f"{r['instruction']} {REPLY_SUFFIX}"}
+            for r in rows]
+
+
 def write_rows(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Write rows as `.jsonl` or `.parquet` (by suffix), creating parent directories."""
     path = Path(path)

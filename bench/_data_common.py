@@ -25,7 +25,7 @@ def score_in_process(input_path: Path, output_dir: Path, scorers: tuple[str, ...
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from frugalray.data.loaders import FieldMapping, load_records
+    from frugalray.examples.loaders import FieldMapping, load_records
     from frugalray.data.score import RowScorer
     from frugalray.data.signals import duplicate_clusters, example_text
     from frugalray.models import DEFAULT_MODEL, resolve_model

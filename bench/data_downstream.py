@@ -45,10 +45,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from frugalray.benchmarking import RESULTS_DIR, print_table, write_result
-from frugalray.data.generate import GenerateConfig, generate_tasks, is_correct, make_eval_set, write_rows
+from frugalray.examples.generate import GenerateConfig, generate_tasks, is_correct, make_eval_set, write_rows
 
 # Worked responses ("23 + 58 = 81"): trained on bare numbers, the 135M model lost accuracy in
-# every arm (the format, not the data, decided the result); see frugalray.data.generate.
+# every arm (the format, not the data, decided the result); see frugalray.examples.generate.
 STYLE = "worked"
 
 
@@ -57,7 +57,7 @@ def accuracy(session, eval_rows: list[dict], max_new_tokens: int = 16, show: int
     one-row-at-a-time generation). 16 new tokens: 6 cut the echoed equation before its result."""
     import torch
 
-    from frugalray.data.formatting import chat_prompt_text
+    from frugalray.examples.formatting import chat_prompt_text
 
     tok, model = session.tokenizer, session.model
     model.eval()
@@ -200,7 +200,7 @@ def run(quick: bool, seeds: int) -> dict:
         selections[name] = {"strategy": result.strategy, "score": result.score, "selection_flops": result.auto_flops}
         data[name] = [json.loads(line) for line in out.read_text().splitlines()]
     print(f"strategy auto chose: {selections['frugalray auto']}", flush=True)
-    from frugalray.data.loaders import FieldMapping, load_records
+    from frugalray.examples.loaders import FieldMapping, load_records
 
     data["all noisy"] = load_records(work / "tasks.jsonl", FieldMapping()).rows  # what the loader accepts
     from frugalray.data.auto_select import session_config

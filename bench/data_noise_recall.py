@@ -3,7 +3,7 @@
     python bench/data_noise_recall.py            # full: 1000 generated rows
     python bench/data_noise_recall.py --quick    # 200 rows
 
-Generated verifiable tasks (frugalray.data.generate, 1-2 digit sums and differences) with 20%
+Generated verifiable tasks (frugalray.examples.generate, 1-2 digit sums and differences) with 20%
 of the rows replaced by labelled noise, round-robin over every kind: wrong_answer, garbled,
 exact_duplicate, near_duplicate, empty_response. One real scoring run (frugalray.data.score
 with the Ray Data job's operator, in process: bench/_data_common.py; perplexity, ifd,
@@ -40,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from frugalray.benchmarking import print_table, write_result
-from frugalray.data.generate import ALL_NOISE_KINDS, GenerateConfig, generate_tasks, write_rows
+from frugalray.examples.generate import ALL_NOISE_KINDS, GenerateConfig, generate_tasks, write_rows
 
 DUPLICATE_KINDS = ("exact_duplicate", "near_duplicate")
 

@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     from frugalray.benchmarking import print_table, write_result
-    from frugalray.data.generate import write_rows
-    from frugalray.data.loaders import FieldMapping
+    from frugalray.examples.generate import write_rows
+    from frugalray.examples.loaders import FieldMapping
     from frugalray.data.score import SCORER_COLUMNS, ScoreConfig, run_score
     from frugalray.ray_utils import init_ray
 

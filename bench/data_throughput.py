@@ -41,13 +41,13 @@ ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca" / "a
 
 
 def load_rows(n: int) -> list[dict]:
-    from frugalray.data.loaders import FieldMapping, load_records
+    from frugalray.examples.loaders import FieldMapping, load_records
 
     return load_records(ALPACA, FieldMapping.alpaca()).rows[:n]
 
 
 def tokenized(model_path: str, rows: list[dict], max_length: int) -> list[dict]:
-    from frugalray.data.formatting import tokenize_example
+    from frugalray.examples.formatting import tokenize_example
     from frugalray.models import load_tokenizer
 
     tok = load_tokenizer(model_path)
@@ -82,7 +82,7 @@ def naive(model_path: str, rows: list[dict], max_length: int, batch_size: int) -
     import torch
     import torch.nn.functional as F
 
-    from frugalray.data.formatting import IGNORE_INDEX
+    from frugalray.examples.formatting import IGNORE_INDEX
     from frugalray.models import load_causal_lm, load_tokenizer
 
     started = time.perf_counter()
@@ -138,7 +138,7 @@ def vllm_worker(model_path: str, n_rows: int, max_length: int, out: str, dtype: 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from frugalray.data.formatting import IGNORE_INDEX
+    from frugalray.examples.formatting import IGNORE_INDEX
 
     started = time.perf_counter()
     examples = tokenized(model_path, load_rows(n_rows), max_length)

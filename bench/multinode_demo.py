@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from frugalray.benchmarking import print_table, write_result
-    from frugalray.data.generate import GenerateConfig, generate_tasks, write_rows
+    from frugalray.examples.generate import GenerateConfig, generate_tasks, write_rows
     from frugalray.local_cluster import LoopbackCluster
     from frugalray.models import DEFAULT_MODEL, resolve_model
 

@@ -26,7 +26,7 @@ temperature is its own table group with its own SC@k baseline.
    (same samples), so its accuracy gap isolates the stopping rule.
 
 Scoring: the answer the server's vote uses (the `number` extractor) against the gold answer
-normalized the same way. Arithmetic rows come from `frugalray.data.generate.make_eval_set`
+normalized the same way. Arithmetic rows come from `frugalray.examples.generate.make_eval_set`
 (difficulty = operand digits 1 and 2; sums by default, `--operations` to add '-' or '*'); GSM8K rows from ../shared/data/gsm8k/train.jsonl (gold after
 '####'). Headline targets are on the arithmetic set, primary config adaptive_consistency
 confidence 0.95, round_size 2 (fixed before running).
@@ -168,7 +168,7 @@ def local_ray_cluster(num_cpus: int = 8, worker_niceness: int | None = 0) -> Ite
 def arithmetic_rows(n: int, digits: list[int], seed: int = 2024, operations: tuple[str, ...] = ("+",)
                     ) -> list[dict[str, Any]]:
     """`n` generated questions, balanced over operand digits (difficulty)."""
-    from frugalray.data.generate import make_eval_set
+    from frugalray.examples.generate import make_eval_set
 
     pool = make_eval_set(n * 4 * len(digits), seed=seed, max_digits=max(digits), operations=operations)
     by_level = {d: [r for r in pool if r["difficulty"] == d] for d in digits}

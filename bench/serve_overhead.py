@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ray.serve.llm import build_openai_app
 
     from frugalray.benchmarking import print_table, write_result
-    from frugalray.data.generate import make_eval_set
+    from frugalray.examples.generate import make_eval_set
     from frugalray.models import DEFAULT_MODEL, engine_dtype_default, resolve_model
     from frugalray.serve.app import deploy, llm_config_for, shutdown_app
     from frugalray.serve.config import ServeConfig, preflight

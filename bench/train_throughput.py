@@ -63,7 +63,7 @@ def plain_peft_loop(model_path: str, rows: list[dict], method: str, steps: int, 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from frugalray.budget.flops import train_flops_per_token
-    from frugalray.data.formatting import pad_batch, tokenize_example
+    from frugalray.examples.formatting import pad_batch, tokenize_example
     from frugalray.models import load_causal_lm, load_tokenizer, model_shape
 
     torch.set_num_threads(threads)

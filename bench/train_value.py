@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from frugalray.benchmarking import RESULTS_DIR, print_table, write_result
-from frugalray.data.generate import GenerateConfig, generate_tasks, make_eval_set
+from frugalray.examples.generate import GenerateConfig, generate_tasks, make_eval_set
 from frugalray.stats import paired_difference
 from frugalray.train.accuracy import AdapterAccuracy, greedy_correct
 

@@ -125,7 +125,7 @@ def _fair_workers() -> None:
 
 
 def _tiny_data(path: Path, n_rows: int) -> str:
-    from frugalray.data.generate import GenerateConfig, generate_tasks, write_rows
+    from frugalray.examples.generate import GenerateConfig, generate_tasks, write_rows
 
     rows = generate_tasks(GenerateConfig(n_rows=n_rows, seed=0, output_path=str(path)))
     return str(write_rows(rows, path))

@@ -16,8 +16,8 @@ import argparse
 import logging
 import sys
 
+from frugalray.cli.sweep import sweep_command
 from frugalray.config import ConfigError
-from frugalray.tune.sweep import sweep_command
 
 
 def main(argv: list[str] | None = None) -> int:

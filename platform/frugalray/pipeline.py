@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import Field
 
 from frugalray.config import ConfigError, StrictModel, parse_config
-from frugalray.data.generate import told_to_reply_briefly
+from frugalray.examples.generate import told_to_reply_briefly
 from frugalray.models import DEFAULT_MODEL, resolve_model
 from frugalray.stats import paired_difference
 
@@ -64,7 +64,7 @@ class StagePlan:
     """Every stage's typed config, with the file paths that connect the stages."""
 
     def __init__(self, cfg: PipelineConfig, run_dir: Path):
-        from frugalray.data.generate import GenerateConfig
+        from frugalray.examples.generate import GenerateConfig
         from frugalray.data.score import ScoreConfig
         from frugalray.data.select import SelectConfig
         from frugalray.serve.config import ServeConfig
@@ -175,7 +175,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path | None = None, address
     from tqdm import tqdm
 
     from frugalray.budget.ledger import ComputeLedger
-    from frugalray.data.generate import generate_tasks, make_eval_set, write_rows
+    from frugalray.examples.generate import generate_tasks, make_eval_set, write_rows
     from frugalray.data.score import run_score
     from frugalray.data.select import run_select
     from frugalray.ray_utils import init_ray

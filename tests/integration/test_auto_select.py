@@ -12,7 +12,7 @@ import pytest
 
 from frugalray.budget.ledger import ComputeLedger
 from frugalray.config import parse_config
-from frugalray.data.generate import GenerateConfig, generate_tasks, make_eval_set, write_rows
+from frugalray.examples.generate import GenerateConfig, generate_tasks, make_eval_set, write_rows
 from frugalray.data.select import SelectConfig, run_select, select_rows
 
 

@@ -51,7 +51,7 @@ def loopback_cluster():
 
 
 def _tasks(path: Path, n_rows: int) -> Path:
-    from frugalray.data.generate import GenerateConfig, generate_tasks, write_rows
+    from frugalray.examples.generate import GenerateConfig, generate_tasks, write_rows
 
     write_rows(generate_tasks(GenerateConfig(n_rows=n_rows, seed=11, noise_rate=0.1)), path)
     return path

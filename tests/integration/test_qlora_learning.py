@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from frugalray.config import parse_config
-from frugalray.data.generate import GenerateConfig, generate_tasks, make_eval_set, write_rows
+from frugalray.examples.generate import GenerateConfig, generate_tasks, make_eval_set, write_rows
 from frugalray.stats import paired_difference
 from frugalray.train.finetune import FinetuneConfig, run_finetune
 from frugalray.train.loop import resolve_compute_dtype
@@ -40,7 +40,7 @@ def scorer(default_model_path, task_data):
     asked the same questions as is, or told "Reply with only the number." (untold, it often explains
     at length and is cut off), whichever it answers better. Beating only the untold base proved too
     little: QLoRA with cut gradients still gained +25 points over it (2.5% -> 27.5%)."""
-    from frugalray.data.generate import told_to_reply_briefly
+    from frugalray.examples.generate import told_to_reply_briefly
     from frugalray.train.accuracy import AdapterAccuracy, greedy_correct
 
     scorer = AdapterAccuracy(default_model_path, task_data["heldout"])

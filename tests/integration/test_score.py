@@ -12,8 +12,8 @@ import pytest
 from frugalray.budget.flops import forward_flops_per_token
 from frugalray.budget.ledger import ComputeLedger
 from frugalray.config import ConfigError
-from frugalray.data.generate import GenerateConfig, generate_tasks, write_rows
-from frugalray.data.loaders import FieldMapping
+from frugalray.examples.generate import GenerateConfig, generate_tasks, write_rows
+from frugalray.examples.loaders import FieldMapping
 from frugalray.data.score import ScoreConfig, run_score
 from frugalray.data.select import SelectConfig, run_select
 from frugalray.models import model_shape

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from frugalray.data.generate import GenerateConfig, generate_tasks, is_correct, write_rows
+from frugalray.examples.generate import GenerateConfig, generate_tasks, is_correct, write_rows
 from frugalray.data.score import ScoreConfig, run_score
 
 
@@ -21,7 +21,7 @@ from frugalray.data.score import ScoreConfig, run_score
 def test_pass_rate_with_vllm_in_ray_data_matches_hf_greedy(ray_cluster, default_model_path, tmp_path):
     import torch
 
-    from frugalray.data.formatting import chat_prompt_text
+    from frugalray.examples.formatting import chat_prompt_text
     from frugalray.models import load_causal_lm, load_tokenizer
 
     rows = generate_tasks(GenerateConfig(n_rows=4, max_digits=1, seed=3))

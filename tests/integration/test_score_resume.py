@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from frugalray.budget.ledger import ComputeLedger
-from frugalray.data.generate import GenerateConfig, generate_tasks, write_rows
+from frugalray.examples.generate import GenerateConfig, generate_tasks, write_rows
 
 REPO = Path(__file__).resolve().parents[2]
 

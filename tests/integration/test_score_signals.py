@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from frugalray.data.dynamics import proxy_finetune
-from frugalray.data.generate import GenerateConfig, generate_tasks
+from frugalray.examples.generate import GenerateConfig, generate_tasks
 from frugalray.data.influence import InfluenceSettings, projection_matrix
 from frugalray.data.score import RowScorer
 
@@ -133,7 +133,7 @@ def test_run_score_with_dynamics_and_influence_on_ray(ray_cluster, default_model
     import pyarrow.parquet as pq
 
     from frugalray.budget.ledger import ComputeLedger
-    from frugalray.data.generate import write_rows
+    from frugalray.examples.generate import write_rows
     from frugalray.data.score import ScoreConfig, run_score
 
     rows = generate_tasks(GenerateConfig(n_rows=5, seed=8))

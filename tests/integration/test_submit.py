@@ -17,7 +17,7 @@ def run_cli(*args, timeout=600):
 
 
 def test_submit_streams_logs_and_returns_the_jobs_status(ray_cluster, tmp_path):
-    from frugalray.data.generate import GenerateConfig, generate_tasks, write_rows
+    from frugalray.examples.generate import GenerateConfig, generate_tasks, write_rows
 
     tasks = tmp_path / "tasks.jsonl"
     write_rows(generate_tasks(GenerateConfig(n_rows=12, seed=3, noise_rate=0.25)), tasks)

@@ -9,7 +9,7 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 from frugalray.config import ConfigError, parse_config
-from frugalray.data.generate import (
+from frugalray.examples.generate import (
     ALL_NOISE_KINDS,
     GenerateConfig,
     extract_answer,
@@ -167,7 +167,7 @@ def test_eval_set_in_worked_style():
 
 
 def test_told_to_reply_briefly_appends_the_suffix_only_where_missing():
-    from frugalray.data.generate import REPLY_SUFFIX, make_eval_set, told_to_reply_briefly
+    from frugalray.examples.generate import REPLY_SUFFIX, make_eval_set, told_to_reply_briefly
 
     worked = make_eval_set(4, seed=3, families=["arithmetic", "compare"], response_style="worked")
     told = told_to_reply_briefly(worked)

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from frugalray.config import ConfigError, parse_config
-from frugalray.data.generate import GenerateConfig, generate_tasks, write_rows
-from frugalray.data.loaders import FieldMapping, load_records, write_quarantine
+from frugalray.examples.generate import GenerateConfig, generate_tasks, write_rows
+from frugalray.examples.loaders import FieldMapping, load_records, write_quarantine
 
 ALPACA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "alpaca" / "alpaca_5000.json"
 

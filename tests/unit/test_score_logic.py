@@ -200,7 +200,7 @@ def test_chunked_token_nll_matches_one_full_cross_entropy():
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from frugalray.data.formatting import IGNORE_INDEX, pad_batch
+    from frugalray.examples.formatting import IGNORE_INDEX, pad_batch
     from frugalray.data.score import NLL_CHUNK_POSITIONS, RowScorer
 
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from frugalray.budget.ledger import ComputeLedger
 from frugalray.config import ConfigError, load_config, parse_config
-from frugalray.data.loaders import FieldMapping, load_records
+from frugalray.examples.loaders import FieldMapping, load_records
 from frugalray.data.score import ScoreConfig
 from frugalray.data.select import SelectConfig, curriculum_order, run_select, select_rows
 

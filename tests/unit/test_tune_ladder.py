@@ -188,7 +188,7 @@ def test_bad_sweep_input_is_refused_naming_the_field(bad, field):
 
 
 def test_sweep_command_refuses_bad_flag_combinations_before_any_work(tmp_path):
-    from frugalray.tune.sweep import sweep_command
+    from frugalray.cli.sweep import sweep_command
 
     with pytest.raises(ConfigError, match="flop_caps"):
         sweep_command("x.yaml", None, flop_caps="1e13,lots")

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from frugalray.config import ConfigError, parse_config
-from frugalray.data.generate import GenerateConfig, generate_tasks
-from frugalray.data.loaders import FieldMapping, load_records
+from frugalray.examples.generate import GenerateConfig, generate_tasks
+from frugalray.examples.loaders import FieldMapping, load_records
 from frugalray.data.score import SCORER_COLUMNS, ScoreConfig, _scorer_settings, output_schema, scorer_flops
 from frugalray.data.select import SelectConfig, filter_reasons, run_select, select_rows
 from frugalray.data.signals import answer_correct

@@ -177,7 +177,7 @@ def choose_winner(results: list[CandidateResult], metric: str) -> tuple[int, str
 def _heldout(rows: list[dict], settings: AutoSettings) -> tuple[list[dict], set[int], str]:
     """(held-out rows, input row indices kept out of proxy training, where they came from)."""
     if settings.eval_path:
-        from frugalray.data.loaders import FieldMapping, _columns, load_records, read_rows
+        from frugalray.examples.loaders import FieldMapping, _columns, load_records, read_rows
 
         columns = _columns(read_rows(settings.eval_path, "auto.eval_path")[:64])
         fields = FieldMapping.prompt_response() if "prompt" in columns else FieldMapping()
@@ -193,8 +193,8 @@ def _accuracy(session, rows: list[dict], max_new_tokens: int) -> tuple[float | N
     import torch
 
     from frugalray.budget.flops import forward_flops_per_token
-    from frugalray.data.formatting import chat_prompt_text
-    from frugalray.data.generate import is_correct
+    from frugalray.examples.formatting import chat_prompt_text
+    from frugalray.examples.generate import is_correct
 
     checkable = [r for r in rows if r.get("answer") not in (None, "")]
     if not checkable:

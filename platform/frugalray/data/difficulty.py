@@ -87,7 +87,7 @@ class PassRateScorer:
     def samples(self, prompts: list[str]) -> list[list]:
         from vllm import SamplingParams
 
-        from frugalray.data.formatting import chat_prompt_text
+        from frugalray.examples.formatting import chat_prompt_text
 
         s = self.settings
         # Greedy decoding gives one answer, and vLLM refuses n > 1 without sampling: draw it once

@@ -21,7 +21,7 @@ import math
 from pydantic import Field
 
 from frugalray.config import StrictModel
-from frugalray.data.loaders import FieldMapping
+from frugalray.examples.loaders import FieldMapping
 
 
 class InfluenceSettings(StrictModel):

@@ -86,7 +86,7 @@ from frugalray.config import ConfigError, StrictModel
 from frugalray.data.difficulty import PASS_RATE_COLUMNS, PassRateSettings
 from frugalray.data.dynamics import DYNAMICS_COLUMNS, DynamicsSettings
 from frugalray.data.influence import InfluenceSettings
-from frugalray.data.loaders import DEFAULT_MAX_CHARS, FieldMapping, load_records, write_quarantine
+from frugalray.examples.loaders import DEFAULT_MAX_CHARS, FieldMapping, load_records, write_quarantine
 from frugalray.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -312,14 +312,14 @@ class RowScorer:
             self.inf_direction = target_direction(self._influence_features(targets))
 
     def _tokenize(self, prompt: str, response: str) -> dict:
-        from frugalray.data.formatting import tokenize_example
+        from frugalray.examples.formatting import tokenize_example
 
         return tokenize_example(self.tokenizer, prompt, response, self.max_length)
 
     def _positions(self, model, batch: dict):
         """Hidden states of every labelled next-token position, their targets, each one's row
         index, loss tokens per row, and the head that turns hidden states into logits."""
-        from frugalray.data.formatting import IGNORE_INDEX
+        from frugalray.examples.formatting import IGNORE_INDEX
 
         input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         targets = labels[:, 1:]  # position t predicts token t+1
@@ -352,7 +352,7 @@ class RowScorer:
     def _mean_nll(self, examples: list[dict]) -> tuple[list[float], list[int]]:
         import torch
 
-        from frugalray.data.formatting import pad_batch
+        from frugalray.examples.formatting import pad_batch
 
         with torch.inference_mode():
             nll, row_of_token, n_loss = self._token_nll(pad_batch(examples, self.pad_id))
@@ -362,7 +362,7 @@ class RowScorer:
     def _grad_norm(self, example: dict) -> float:
         import torch
 
-        from frugalray.data.formatting import pad_batch
+        from frugalray.examples.formatting import pad_batch
 
         nll, _, n_loss = self._token_nll(pad_batch([example], self.pad_id))
         if not n_loss[0]:
@@ -374,7 +374,7 @@ class RowScorer:
         import torch
 
         from frugalray.data.dynamics import summarize_dynamics, token_error_stats
-        from frugalray.data.formatting import pad_batch
+        from frugalray.examples.formatting import pad_batch
 
         batch = pad_batch(examples, self.pad_id)
         per_ckpt = []
@@ -396,7 +396,7 @@ class RowScorer:
         """[rows, dim] projected LoRA gradients (a zero row where a row has no loss token)."""
         import torch
 
-        from frugalray.data.formatting import pad_batch
+        from frugalray.examples.formatting import pad_batch
         from frugalray.data.influence import project
 
         n_params = sum(p.numel() for p in self.inf_params)
@@ -411,7 +411,7 @@ class RowScorer:
     def score(self, prompts: list[str], responses: list[str], answers: list | None = None) -> dict[str, list]:
         """Every requested signal of each row, plus token counts. `answers`: each row's reference
         answer (None where it has none), for the verifier."""
-        from frugalray.data.formatting import IGNORE_INDEX
+        from frugalray.examples.formatting import IGNORE_INDEX
 
         examples = [self._tokenize(p, r) for p, r in zip(prompts, responses)]
         out: dict[str, list] = {
@@ -603,7 +603,7 @@ def quarantine_over_length(rows: list[dict], tokenizer, max_tokens: int) -> tupl
     """(rows within `max_tokens` tokens, rows over it with a `too long` quarantine reason).
 
     Counts the tokens training would see (chat template + response + end-of-turn), untruncated."""
-    from frugalray.data.formatting import tokenize_example
+    from frugalray.examples.formatting import tokenize_example
 
     kept, over = [], []
     for row in rows:
@@ -625,7 +625,7 @@ def shard_name(index: int) -> str:
 
 def _length_key(tokenizer, max_length: int):
     """Sort key for batching: the row's token count as the scorer will see it (characters without a tokenizer)."""
-    from frugalray.data.formatting import tokenize_example
+    from frugalray.examples.formatting import tokenize_example
 
     if tokenizer is None:
         return lambda r: len(r["prompt"]) + len(r["response"])
@@ -713,7 +713,7 @@ def output_schema(rows: list[dict], cfg: ScoreConfig):
 
 
 def _load_targets(cfg: ScoreConfig) -> list[list[str]]:
-    from frugalray.data.loaders import load_records
+    from frugalray.examples.loaders import load_records
 
     inf = cfg.influence
     loaded = load_records(inf.target_path, inf.target_fields or cfg.fields, max_chars=cfg.max_chars,
@@ -758,7 +758,7 @@ def run_score(cfg: ScoreConfig, run_dir: str | Path, ledger=None) -> ScoreResult
     import ray
 
     from frugalray.budget.ledger import ComputeLedger
-    from frugalray.data.formatting import tokenize_example
+    from frugalray.examples.formatting import tokenize_example
     from frugalray.models import load_tokenizer, model_shape, resolve_model
 
     start = time.time()
@@ -899,7 +899,7 @@ def run_score(cfg: ScoreConfig, run_dir: str | Path, ledger=None) -> ScoreResult
     target_tokens = [len(tokenize_example(tokenizer(), p, r, cfg.max_length)["input_ids"]) for p, r in targets]
 
     def prompt_tokens(prompts: list[str]) -> list[int]:  # pass_rate's prompts (chat template)
-        from frugalray.data.formatting import chat_prompt_text
+        from frugalray.examples.formatting import chat_prompt_text
 
         return [len(tokenizer()(chat_prompt_text(tokenizer(), p), add_special_tokens=False)["input_ids"]) for p in prompts]
 

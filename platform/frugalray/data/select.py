@@ -575,7 +575,7 @@ def markdown_report(report: dict[str, Any]) -> str:
 def _read_scored(path: str) -> tuple[list[dict[str, Any]], list[str]]:
     import pyarrow.parquet as pq
 
-    from frugalray.data.loaders import read_rows
+    from frugalray.examples.loaders import read_rows
 
     p = Path(path)
     if not p.exists():

@@ -101,7 +101,7 @@ def heuristic_scores(prompt: str, response: str) -> dict[str, Any]:
 
 def answer_correct(response: str | None, reference: Any) -> float | None:
     """1.0 / 0.0: does the response state the reference answer; None without a reference."""
-    from frugalray.data.generate import extract_answer
+    from frugalray.examples.generate import extract_answer
 
     if reference is None or isinstance(reference, bool):
         return None

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from frugalray.data.formatting import chat_prompt_text
-from frugalray.data.generate import is_correct
+from frugalray.examples.formatting import chat_prompt_text
+from frugalray.examples.generate import is_correct
 
 
 def greedy_correct(model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_new_tokens: int = 16,

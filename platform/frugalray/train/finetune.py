@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from frugalray.config import ConfigError, StrictModel
-from frugalray.data.loaders import FieldMapping
+from frugalray.examples.loaders import FieldMapping
 from frugalray.models import DEFAULT_MODEL, has_fast_bf16
 
 log = logging.getLogger(__name__)
@@ -151,14 +151,14 @@ class PreparedData:
 def _fields_for(path: str, fields: FieldMapping | None) -> FieldMapping:
     if fields is not None:
         return fields
-    from frugalray.data.loaders import _columns, read_rows
+    from frugalray.examples.loaders import _columns, read_rows
 
     columns = _columns(read_rows(path, "data_path")[:64])
     return FieldMapping.prompt_response() if "prompt" in columns else FieldMapping()
 
 
 def _load(path: str, fields: FieldMapping | None, path_field: str) -> tuple[list[dict[str, str]], int]:
-    from frugalray.data.loaders import load_records
+    from frugalray.examples.loaders import load_records
 
     loaded = load_records(path, _fields_for(path, fields), path_field=path_field, fields_prefix="fields")
     rows = [{"prompt": r["prompt"], "response": r["response"]} for r in loaded.rows]
@@ -228,7 +228,7 @@ def preflight_finetune(cfg: FinetuneConfig, field_prefix: str = "") -> PreparedD
 
 def _check_seq_len(cfg: FinetuneConfig, model_path: str, rows: list[dict], field_prefix: str) -> list[str]:
     """A seq_len that truncates every response away would train on nothing (NaN loss)."""
-    from frugalray.data.formatting import IGNORE_INDEX, tokenize_example
+    from frugalray.examples.formatting import IGNORE_INDEX, tokenize_example
     from frugalray.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_path)

@@ -121,7 +121,7 @@ class TrainingSession:
     ):
         import torch
 
-        from frugalray.data.formatting import IGNORE_INDEX, tokenize_example
+        from frugalray.examples.formatting import IGNORE_INDEX, tokenize_example
         from frugalray.models import load_tokenizer, model_shape
         from frugalray.train.batching import BatchPlan
 
@@ -282,7 +282,7 @@ class TrainingSession:
     def _loss_sum(self, batch: dict[str, Any], model: Any = None):
         import torch.nn.functional as F
 
-        from frugalray.data.formatting import IGNORE_INDEX
+        from frugalray.examples.formatting import IGNORE_INDEX
 
         with self._autocast(plain_weights=model is not None or self.method != "qlora"):
             logits = (model or self.model)(
@@ -318,7 +318,7 @@ class TrainingSession:
     def compute_gradients(self) -> StepStats:
         """Forward and backward of the next global batch (this rank's slice); gradients accumulate
         in the trainable parameters and nothing is updated. `step()` is this plus the update."""
-        from frugalray.data.formatting import IGNORE_INDEX, pad_batch
+        from frugalray.examples.formatting import IGNORE_INDEX, pad_batch
 
         if self.method == "qlora":
             from frugalray.train.four_bit import packed_4bit_layers
@@ -362,7 +362,7 @@ class TrainingSession:
             return None
         import torch
 
-        from frugalray.data.formatting import IGNORE_INDEX, pad_batch
+        from frugalray.examples.formatting import IGNORE_INDEX, pad_batch
 
         (model or self.model).eval()
         # FSDP all-gathers inside every forward: all ranks must run the same number of them.

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipe = sub.add_parser("pipeline", help="generate -> score -> select -> sweep -> finetune (sweep winner) -> serve-and-query")
     _add_stage_args(pipe)
 
-    from frugalray.train.memory import add_plan_memory_parser
+    from frugalray.cli.plan_memory import add_plan_memory_parser
 
     add_plan_memory_parser(sub)  # frugalray plan-memory (the memory planner)
 
@@ -165,7 +165,7 @@ def cmd_model_prepare(args) -> int:
 
 def cmd_data_generate(args) -> int:
     from frugalray.config import parse_config, read_yaml
-    from frugalray.data.generate import GenerateConfig, generate_tasks, write_rows
+    from frugalray.examples.generate import GenerateConfig, generate_tasks, write_rows
 
     data = read_yaml(args.config) if args.config else {}
     flags = {"output_path": args.out, "n_rows": args.n_rows, "max_digits": args.max_digits,
@@ -185,7 +185,7 @@ def cmd_stage(args) -> int:
     from frugalray.config import load_config
 
     if args.command == "sweep":
-        from frugalray.tune.sweep import sweep_command
+        from frugalray.cli.sweep import sweep_command
 
         if args.address:
             os.environ["RAY_ADDRESS"] = args.address
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in STAGES:
             return cmd_stage(args)
         if args.command == "plan-memory":
-            from frugalray.train.memory import cmd_plan_memory
+            from frugalray.cli.plan_memory import cmd_plan_memory
 
             return cmd_plan_memory(args)
         handler = {"serve": cmd_serve, "pipeline": cmd_pipeline, "ledger": cmd_ledger,

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import model_validator
 
 from frugalray.config import ConfigError, StrictModel
-from frugalray.data.formatting import join_prompt
+from frugalray.examples.formatting import join_prompt
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,5 @@
+import sys
+
+from frugalray.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""`TrainingSpec`: everything one training run needs, typed once.
+
+What a `TrainingSession` (frugalray.train.loop) builds and runs, and what the memory planner
+(frugalray.train.memory) sizes: the method and its LoRA settings, the optimizer and schedule, the
+batch, the sequence length, the compute dtype and the device. `FinetuneConfig` is a TrainingSpec
+plus where the data and workers are; a sweep trial is a TrainingSpec with the searched values set;
+the curation proxies (`AutoSettings.proxy`, `DynamicsSettings.proxy`) each hold one.
+
+It crosses to Ray workers as its JSON dict and is re-validated at the worker's door
+(`TrainingSpec.model_validate(d)`), so a worker never reads a key with a default of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from frugalray.config import StrictModel
+
+Method = Literal["qlora", "lora", "full"]
+ComputeDtype = Literal["auto", "float32", "bfloat16"]
+Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw"]
+Schedule = Literal["constant", "linear", "cosine"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class TrainingSpec(StrictModel):
+    # full: every weight trains; lora: fp32 base + LoRA; qlora: NF4 4-bit base (double quant) + LoRA.
+    method: Method = "qlora"
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    # Matmul dtype. auto: bfloat16 where matmuls are native in bf16 (CUDA, AVX512-BF16, AMX),
+    # else float32: on an AVX2-only CPU bf16 compute made each step ~27x slower. An explicit
+    # value is what runs, on any machine.
+    compute_dtype: ComputeDtype = "auto"
+    # adamw (torch), adamw_8bit (bitsandbytes 8-bit states), paged_adamw (bitsandbytes; CUDA only).
+    optimizer: Optimizer = "adamw"
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    lr_scheduler: Schedule = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    # Clip the global gradient norm before each update (HF Trainer's default 1.0); None: no clipping.
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_steps: int = Field(20, ge=1)
+    batch_size: int = Field(4, ge=1, description="rows per worker per micro-batch")
+    # Micro-batches per optimizer step: global batch = batch_size x grad_accum_steps x num_workers.
+    grad_accum_steps: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False
+    seq_len: int = Field(128, ge=8, le=8192)
+    # shuffle: a seeded permutation per epoch; as_given: the file's order (e.g. select's curriculum).
+    data_order: Literal["shuffle", "as_given"] = "shuffle"
+    # Put rows of similar length in the same micro-batch (less padding).
+    length_bucketing: bool = False
+    # auto: GPUs when the cluster has one per worker, else CPU.
+    device: Device = "auto"
+    seed: int = 0
+
+    def training_spec(self) -> TrainingSpec:
+        """Just the training fields (a subclass such as FinetuneConfig carries more)."""
+        return TrainingSpec.model_validate(self.model_dump(include=set(TrainingSpec.model_fields)))
+
+    @classmethod
+    def from_worker(cls, data: dict[str, Any] | TrainingSpec) -> TrainingSpec:
+        """Re-validate a spec that crossed a process boundary as a dict (extra keys are errors)."""
+        if isinstance(data, TrainingSpec):
+            return data.training_spec()
+        return cls.model_validate(data)

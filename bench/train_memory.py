@@ -14,7 +14,7 @@ Every configuration runs in a FRESH Python process (`--worker`), which:
    and reads the peak RSS (VmHWM).
 measured = peak RSS during training - baseline, i.e. what the model, its training state,
 activations and temporaries added to the process: the CPU stand-in for
-`torch.cuda.max_memory_allocated`. The planner (`frugalray.train.memory`) predicts the same
+`torch.cuda.max_memory_allocated`. The planner (`frugalray.train.memory_estimate`) predicts the same
 quantity with `device="cpu"` (fp32 compute on this AVX2 CPU, runtime and allocator overhead).
 
 The reference column is accelerate's `estimate-memory` arithmetic for the same model
@@ -279,7 +279,7 @@ def accelerate_column(ref: dict, method: str, dtype: str) -> float:
 
 
 def predict(arch, spec: dict):
-    from frugalray.train.memory import TrainSetup, estimate_memory
+    from frugalray.train.memory_estimate import TrainSetup, estimate_memory
 
     dtype = spec["dtype"]
     setup = TrainSetup(method=spec["method"], seq_len=spec["seq_len"], micro_batch=spec["micro_batch"],
@@ -298,7 +298,7 @@ LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_hea
 def planner_only_reference() -> dict:
     """PREDICTED (not measured here): QLoRA vs LoRA-bf16 for a 7B model on a GPU, seq 512, micro-batch 1,
     gradient checkpointing: where weights, not activations, dominate."""
-    from frugalray.train.memory import GiB, TrainSetup, arch_from_config, estimate_memory
+    from frugalray.train.memory_estimate import GiB, TrainSetup, arch_from_config, estimate_memory
 
     arch = arch_from_config(LLAMA2_7B, "llama-2-7b")
     common = {"seq_len": 512, "micro_batch": 1, "gradient_checkpointing": True, "device": "cuda", "lora_rank": 8}
@@ -311,7 +311,7 @@ def planner_only_reference() -> dict:
 def summarize(records: list[dict], arch, ref: dict, config: dict, out_dir, final: bool) -> tuple[dict, list[dict]]:
     """Compare every measured run with the planner; write the JSON (also after each run)."""
     from frugalray.benchmarking import write_result
-    from frugalray.train.memory import MiB
+    from frugalray.train.memory_estimate import MiB
 
     rows = []
     for r in records:
@@ -350,7 +350,7 @@ def summarize(records: list[dict], arch, ref: dict, config: dict, out_dir, final
 def run(args) -> dict:
     from frugalray.benchmarking import print_table
     from frugalray.models import DEFAULT_MODEL, resolve_model
-    from frugalray.train.memory import MiB, model_arch
+    from frugalray.train.memory_estimate import MiB, model_arch
 
     started = time.time()
     model_path = resolve_model(DEFAULT_MODEL)

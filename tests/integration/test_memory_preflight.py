@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from frugalray.config import ConfigError
-from frugalray.train.memory import GiB, MiB, estimate_memory, memory_problems, model_arch, setup_from_config
+from frugalray.train.memory_estimate import GiB, MiB, estimate_memory, model_arch
+from frugalray.train.memory_plan import memory_problems, setup_from_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,7 +42,7 @@ def finetune_cfg(tmp_path: Path, **changes):
 
 def test_memory_problems_names_fields_and_fix(default_model_path, tmp_path):
     cfg = finetune_cfg(tmp_path)
-    est = estimate_memory(model_arch(default_model_path), setup_from_config(cfg))
+    est = estimate_memory(model_arch(default_model_path), setup_from_config(cfg, num_workers=cfg.num_workers))
     assert memory_problems(cfg, default_model_path, device_memory=est.peak_bytes + MiB) == []
     problems = memory_problems(cfg, default_model_path, device_memory=int(est.peak_bytes * 0.7))
     assert len(problems) == 1
@@ -79,15 +80,16 @@ def test_plan_memory_cli_plans_and_explains(default_model_path):
 
 
 def test_finetune_preflight_refuses_before_ray(default_model_path, tmp_path, monkeypatch):
-    """Once `preflight_finetune` calls the planner (see frugalray.train.memory.memory_problems)."""
+    """Once `preflight_finetune` calls the planner (see frugalray.train.memory_plan.memory_problems)."""
     from frugalray.train import finetune
 
     if "memory_problems" not in inspect.getsource(finetune):
-        pytest.skip("finetune's preflight does not call frugalray.train.memory.memory_problems yet")
+        pytest.skip("finetune's preflight does not call frugalray.train.memory_plan.memory_problems yet")
     import ray
 
     cfg = finetune_cfg(tmp_path)
-    monkeypatch.setattr("frugalray.train.memory.available_device_memory", lambda world=1, device=None: (200 * MiB, "cpu"))
+    monkeypatch.setattr("frugalray.train.memory_plan.available_device_memory",
+                        lambda world=1, device=None: (200 * MiB, "cpu"))
     was_up = ray.is_initialized()
     with pytest.raises(ConfigError) as err:
         finetune.run_finetune(cfg, tmp_path / "run")

@@ -11,7 +11,7 @@ import pytest
 
 from frugalray.budget.flops import ModelShape
 from frugalray.config import ConfigError
-from frugalray.train.memory import (
+from frugalray.train.memory_estimate import (
     CPU,
     CUDA,
     GiB,
@@ -20,13 +20,11 @@ from frugalray.train.memory import (
     TrainSetup,
     _optimizer_state_bytes,
     arch_from_config,
-    check_fits,
     estimate_memory,
     nf4_bytes,
-    parse_bytes,
-    plan_memory,
-    setup_from_config,
 )
+from frugalray.train.memory_plan import check_fits, parse_bytes, plan_memory, setup_from_config
+from frugalray.train.spec import TrainingSpec
 
 TINY = ModelArch(
     shape=ModelShape(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, vocab_size=1000),
@@ -169,39 +167,23 @@ def test_plan_when_nothing_fits_says_what_would():
 
 
 def test_check_fits_refuses_with_fields_and_fix():
-    cfg = {"method": "lora", "batch_size": 8, "seq_len": 64, "num_workers": 1, "lora_rank": 4}
-    est = estimate_memory(TINY, setup_from_config(cfg, device="cuda"))
-    assert check_fits(cfg, est.peak_bytes, arch=TINY, device="cuda").peak_bytes == est.peak_bytes
+    cfg = TrainingSpec(method="lora", batch_size=8, seq_len=64, lora_rank=4)
+    est = estimate_memory(TINY, setup_from_config(cfg, num_workers=1, device="cuda"))
+    assert check_fits(cfg, est.peak_bytes, TINY, num_workers=1, device="cuda").peak_bytes == est.peak_bytes
     with pytest.raises(ConfigError) as err:
-        check_fits(cfg, int(est.peak_bytes * 0.8), arch=TINY, device="cuda")
+        check_fits(cfg, int(est.peak_bytes * 0.8), TINY, num_workers=1, device="cuda")
     message = str(err.value)
     assert "batch_size" in message and "exceeds" in message and "fix:" in message
     assert "gradient_checkpointing: true" in message or "batch_size: " in message
 
 
-def test_setup_from_finetune_like_config():
-    class Cfg:  # FinetuneConfig-like: only the fields it has
-        method = "qlora"
-        batch_size = 4
-        seq_len = 128
-        num_workers = 2
-        lora_rank = 16
-        target_modules = ["q_proj", "v_proj"]
-        compute_dtype = "auto"
-
-    st = setup_from_config(Cfg())
+def test_setup_from_training_spec():
+    spec = TrainingSpec(method="qlora", batch_size=4, seq_len=128, lora_rank=16, target_modules=["q_proj", "v_proj"],
+                        compute_dtype="auto")
+    st = setup_from_config(spec, num_workers=2)
     assert (st.method, st.micro_batch, st.seq_len, st.world_size, st.lora_rank) == ("qlora", 4, 128, 2, 16)
     assert st.target_modules == ("q_proj", "v_proj") and st.compute_dtype is None
     assert st.optimizer == "adamw" and not st.gradient_checkpointing
-
-
-@pytest.mark.parametrize("name,expected", [("adamw", "adamw"), ("adamw_torch", "adamw"), ("AdamW8bit", "adamw_8bit"),
-                                           ("paged_adamw_32bit", "paged_adamw"), ("paged_adamw_8bit", "paged_adamw_8bit"),
-                                           ("sgd", "sgd"), (None, "adamw")])
-def test_optimizer_names(name, expected):
-    from frugalray.train.memory import normalize_optimizer
-
-    assert normalize_optimizer(name) == expected
 
 
 @pytest.mark.parametrize("text,expected", [("24GiB", 24 * GiB), ("16GB", 16 * 10**9), ("512MiB", 512 * MiB),

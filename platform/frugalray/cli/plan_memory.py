@@ -10,16 +10,12 @@ from typing import Any
 from frugalray.config import ConfigError, load_config
 from frugalray.models import DEFAULT_MODEL, resolve_model
 from frugalray.train.finetune import FinetuneConfig
-from frugalray.train.memory import (
-    DEVICES,
-    METHODS,
-    OPTIMIZERS,
-    _cuda_available,
+from frugalray.train.memory_estimate import DEVICES, METHODS, OPTIMIZERS, estimate_memory, model_arch
+from frugalray.train.memory_plan import (
     available_device_memory,
     check_fits,
-    estimate_memory,
+    cuda_available,
     fmt_bytes,
-    model_arch,
     parse_bytes,
     plan_memory,
     setup_from_config,
@@ -55,14 +51,14 @@ def add_plan_memory_parser(sub) -> None:
 
 def cmd_plan_memory(args) -> int:
     """Print the plan; exit 0 when something fits (or the --config fits), 3 when nothing does."""
-    cfg = None
+    cfg: FinetuneConfig | None = None
     if args.config:
         cfg = load_config(FinetuneConfig, args.config, args.overrides)
-    get = (lambda k, d=None: getattr(cfg, k, d)) if cfg is not None else (lambda k, d=None: d)
-    model = args.model or get("model") or DEFAULT_MODEL
+    # The command line wins, then the config, then the planner's defaults.
+    model = args.model or (cfg.model if cfg is not None else None) or DEFAULT_MODEL
     arch = model_arch(resolve_model(model, field="--model" if args.model else "model"))
-    device = args.device or ("cuda" if _cuda_available() else "cpu")
-    world = args.world_size or int(get("num_workers", 1) or 1)
+    device = args.device or ("cuda" if cuda_available() else "cpu")
+    world = args.world_size or (cfg.num_workers if cfg is not None else 1)
     if args.device_memory:
         try:
             memory = parse_bytes(args.device_memory)
@@ -70,15 +66,15 @@ def cmd_plan_memory(args) -> int:
             raise ConfigError([f"--device-memory: {err}"]) from None
     else:
         memory = available_device_memory(world, device)[0]
-    seq_len = args.seq_len or int(get("seq_len", 512))
-    lora_rank = args.lora_rank or int(get("lora_rank", 8))
-    targets = get("target_modules", "all-linear")
-    targets = targets if isinstance(targets, str) else tuple(targets)
+    seq_len = args.seq_len or (cfg.seq_len if cfg is not None else 512)
+    lora_rank = args.lora_rank or (cfg.lora_rank if cfg is not None else 8)
+    targets: str | tuple[str, ...] = "all-linear"
+    if cfg is not None and not isinstance(cfg.target_modules, str):
+        targets = tuple(cfg.target_modules)
     if args.global_batch:
         global_batch = args.global_batch
     elif cfg is not None:
-        setup = setup_from_config(cfg, device)
-        global_batch = setup.global_batch
+        global_batch = setup_from_config(cfg, num_workers=cfg.num_workers, device=device).global_batch
     else:
         global_batch = 16
     problems = []
@@ -94,7 +90,8 @@ def cmd_plan_memory(args) -> int:
     out: dict[str, Any] = {"model": model, "device": device, "device_memory": memory}
     status = 0
     if cfg is not None:
-        setup = replace(setup_from_config(cfg, device), seq_len=seq_len, lora_rank=lora_rank)
+        setup = replace(setup_from_config(cfg, num_workers=cfg.num_workers, device=device),
+                        seq_len=seq_len, lora_rank=lora_rank)
         est = estimate_memory(arch, setup)
         fits = est.peak_bytes <= memory
         out["config"] = {"setup": setup.label(), "fits": fits, **est.breakdown(), "peak_bytes": est.peak_bytes}
@@ -106,14 +103,14 @@ def cmd_plan_memory(args) -> int:
                   f"{'fits' if fits else 'does NOT fit'}")
             if not fits:
                 try:
-                    check_fits(cfg, memory, arch=arch, device=device)
+                    check_fits(cfg, memory, arch, num_workers=cfg.num_workers, device=device)
                 except ConfigError as err:
                     print("\n".join(f"  {p}" for p in err.problems))
             print()
         status = 0 if fits else 3
     plan = plan_memory(
         arch, memory, seq_len, global_batch, max_world_size=world,
-        methods=args.method or ([cfg.method] if cfg is not None and getattr(cfg, "method", None) else METHODS),
+        methods=args.method or ([cfg.method] if cfg is not None else METHODS),
         optimizers=args.optimizer or ("adamw", "adamw_8bit"), device=device, lora_rank=lora_rank,
         target_modules=targets,
     )

@@ -217,7 +217,7 @@ def preflight_finetune(cfg: FinetuneConfig, field_prefix: str = "") -> PreparedD
     problems += resume_problems(cfg, field_prefix)
     if not problems and model_path is not None:
         # The memory planner: refuse, before any worker starts, what is predicted not to fit.
-        from frugalray.train.memory import memory_problems
+        from frugalray.train.memory_plan import memory_problems
 
         problems += memory_problems(cfg, model_path, field_prefix=field_prefix)
     if problems:

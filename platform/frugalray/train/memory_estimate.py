@@ -1,10 +1,11 @@
-"""The memory planner: peak bytes per device of a training configuration, by component.
+"""The memory planner's estimate: peak bytes per device of one training configuration, by
+component, and its relative step time (the search over configurations and the training preflight
+are in frugalray.train.memory_plan).
 
     arch = model_arch(resolve_model("smollm2-135m-instruct"))
     est = estimate_memory(arch, TrainSetup(method="qlora", seq_len=512, micro_batch=1))
     est.peak_bytes, est.breakdown()            # {"weights": ..., "activations": ..., ...}
-    plan = plan_memory(arch, device_memory=24 * GiB, seq_len=512, global_batch=16, max_world_size=2)
-    print(plan.table())                        # every candidate, fastest that fits first
+    estimate_step_time(arch, TrainSetup(method="qlora"))["step_s"]   # relative, for ranking
 
 Pure arithmetic (no torch import), so it runs before any worker starts. What it counts, per device:
 
@@ -52,13 +53,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from frugalray.budget.flops import ModelShape, train_flops_per_token
-from frugalray.config import ConfigError
+from frugalray.models import load_config as load_model_config
 
 Method = Literal["full", "lora", "qlora"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd"]
@@ -77,7 +78,7 @@ OPT8_BLOCK = 256
 OPT8_MIN_SIZE = 4096
 
 
-# --------------------------------------------------------------------------- model architecture
+# -- model architecture ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelArch:
     """A Llama-style decoder: the FLOP module's `ModelShape` plus what memory also needs."""
@@ -128,12 +129,10 @@ def model_arch(path_or_id: str) -> ModelArch:
     config_file = Path(path_or_id) / "config.json"
     if config_file.is_file():
         return arch_from_config(json.loads(config_file.read_text()), name=Path(path_or_id).name)
-    from frugalray.models import load_config
-
-    return arch_from_config(load_config(path_or_id).to_dict(), name=str(path_or_id))
+    return arch_from_config(load_model_config(path_or_id).to_dict(), name=str(path_or_id))
 
 
-# --------------------------------------------------------------------------- devices
+# -- devices ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DeviceProfile:
     """What a kind of device changes in the arithmetic."""
@@ -168,8 +167,7 @@ CUDA = DeviceProfile(
 )
 DEVICES = {"cpu": CPU, "cuda": CUDA}
 
-
-# --------------------------------------------------------------------------- one configuration
+# -- one configuration -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainSetup:
     method: Method = "qlora"
@@ -187,7 +185,7 @@ class TrainSetup:
     compute_dtype: str | None = None  # None: the device's
     device: str = "cpu"
 
-    def resolved(self) -> "TrainSetup":
+    def resolved(self) -> TrainSetup:
         dev = DEVICES[self.device]
         weight = self.weight_dtype or ("bfloat16" if dev.name == "cuda" else "float32")
         compute = self.compute_dtype or dev.compute_dtype
@@ -416,8 +414,7 @@ def _linear_sizes(arch: ModelArch) -> list[int]:
     return [s.d_model * q_out, s.d_model * kv_out, s.d_model * kv_out, q_out * s.d_model,
             s.d_model * s.d_ff, s.d_model * s.d_ff, s.d_ff * s.d_model]
 
-
-# --------------------------------------------------------------------------- speed model
+# -- speed model -----------------------------------------------------------------------------------
 def estimate_step_time(arch: ModelArch, setup: TrainSetup) -> dict[str, float]:
     """Relative seconds per optimizer step (for ranking candidates, not a promise).
 
@@ -463,346 +460,3 @@ def estimate_step_time(arch: ModelArch, setup: TrainSetup) -> dict[str, float]:
         total *= 1.01
     return {"compute_s": compute, "optimizer_s": optimizer, "comm_s": comm, "step_s": total,
             "tokens_per_s": st.global_batch * st.seq_len / total if total else 0.0}
-
-
-# --------------------------------------------------------------------------- plan mode
-@dataclass
-class Candidate:
-    setup: TrainSetup
-    estimate: MemoryEstimate
-    step_s: float
-    tokens_per_s: float
-    fits: bool
-
-
-@dataclass
-class MemoryPlan:
-    device_memory: int
-    seq_len: int
-    global_batch: int
-    candidates: list[Candidate]  # fits first, then by speed
-    suggestions: list[str]
-
-    @property
-    def best(self) -> Candidate | None:
-        return next((c for c in self.candidates if c.fits), None)
-
-    def table(self, limit: int = 12) -> str:
-        """The choice and its runners-up (and the closest misses), one row each."""
-        rows = [c for c in self.candidates if c.fits][:limit]
-        misses = sorted((c for c in self.candidates if not c.fits), key=lambda c: c.estimate.peak_bytes)
-        rows += misses[: max(3, limit - len(rows)) if not rows else 3]
-        head = (f"{'':2}{'method':6} {'optimizer':11} {'ckpt':4} {'world':>5} {'mbxacc':>7} "
-                f"{'weights':>8} {'optim':>8} {'activ':>8} {'logits':>8} {'peak':>9} {'fits':>4} {'rel step':>8}")
-        best = self.best
-        fastest = best.step_s if best else min((c.step_s for c in self.candidates), default=1.0)
-        lines = [f"device memory {fmt_bytes(self.device_memory)}, seq_len {self.seq_len}, "
-                 f"global batch {self.global_batch}", head]
-        for c in rows:
-            e, st = c.estimate, c.setup
-            mark = "->" if c is best else "  "
-            lines.append(
-                f"{mark}{st.method:6} {st.optimizer:11} {'on' if st.gradient_checkpointing else 'off':4} "
-                f"{st.world_size:>5} {f'{st.micro_batch}x{st.grad_accum}':>7} {fmt_bytes(e.weights):>8} "
-                f"{fmt_bytes(e.optimizer):>8} {fmt_bytes(e.activations):>8} {fmt_bytes(e.logits):>8} "
-                f"{fmt_bytes(e.peak_bytes):>9} {'yes' if c.fits else 'no':>4} {c.step_s / fastest:>8.2f}"
-            )
-        if best:
-            lines.append(f"chosen: {best.setup.label()} — the fastest of {sum(c.fits for c in self.candidates)} "
-                         f"configurations that fit (predicted peak {fmt_bytes(best.estimate.peak_bytes)}, "
-                         f"{fmt_bytes(self.device_memory - best.estimate.peak_bytes)} to spare)")
-        else:
-            lines.append(f"nothing fits in {fmt_bytes(self.device_memory)} per device.")
-        lines += [f"  - {s}" for s in self.suggestions]
-        return "\n".join(lines)
-
-
-def fmt_bytes(n: float) -> str:
-    n = float(n)
-    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{int(n)}B"
-
-
-def parse_bytes(text: str | int | float) -> int:
-    """'24GiB', '24 GB', '512MiB', '1.5e9' -> bytes (GB = 10^9, GiB = 2^30)."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?i?B?)?\s*", str(text))
-    if not m:
-        raise ValueError(f"not a size: {text!r}; write e.g. 24GiB, 16GB or 512MiB")
-    unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": KiB, "M": MiB, "G": GiB, "T": 1024**4,
-             "KIB": KiB, "MIB": MiB, "GIB": GiB, "TIB": 1024**4, "KI": KiB, "MI": MiB, "GI": GiB}.get(unit)
-    if scale is None:
-        raise ValueError(f"unknown unit in {text!r}; use B, KiB, MiB, GiB, GB")
-    return int(float(m.group(1)) * scale)
-
-
-def enumerate_setups(
-    seq_len: int,
-    global_batch: int,
-    max_world_size: int = 1,
-    methods: Iterable[str] = METHODS,
-    optimizers: Iterable[str] = ("adamw", "adamw_8bit"),
-    checkpointing: Iterable[bool] = (False, True),
-    world_sizes: Iterable[int] | None = None,
-    device: str = "cpu",
-    lora_rank: int = 8,
-    target_modules: str | tuple[str, ...] = "all-linear",
-) -> list[TrainSetup]:
-    """Every (method, optimizer, checkpointing, world size, micro-batch x accumulation) whose
-    micro-batch x accumulation x world size equals the global batch."""
-    worlds = list(world_sizes) if world_sizes is not None else list(range(1, max_world_size + 1))
-    out = []
-    for world in worlds:
-        if global_batch % world:
-            continue
-        per_device = global_batch // world
-        micro_batches = [m for m in range(1, per_device + 1) if per_device % m == 0]
-        for method in methods:
-            if method == "qlora" and not DEVICES[device].supports_4bit:
-                continue
-            for opt in optimizers:
-                for ckpt in checkpointing:
-                    for mb in micro_batches:
-                        out.append(TrainSetup(
-                            method=method, seq_len=seq_len, micro_batch=mb, grad_accum=per_device // mb,  # type: ignore[arg-type]
-                            world_size=world, gradient_checkpointing=ckpt, optimizer=opt,  # type: ignore[arg-type]
-                            lora_rank=lora_rank, target_modules=target_modules, device=device,
-                        ))
-    return out
-
-
-def plan_memory(
-    arch: ModelArch,
-    device_memory: int,
-    seq_len: int,
-    global_batch: int,
-    max_world_size: int = 1,
-    methods: Iterable[str] = METHODS,
-    optimizers: Iterable[str] = ("adamw", "adamw_8bit"),
-    device: str = "cpu",
-    world_sizes: Iterable[int] | None = None,
-    checkpointing: Iterable[bool] = (False, True),
-    lora_rank: int = 8,
-    target_modules: str | tuple[str, ...] = "all-linear",
-    headroom: float = 0.0,
-    suggest: bool = True,
-) -> MemoryPlan:
-    """Rank every configuration by predicted step time; the fastest that fits comes first.
-
-    `headroom` keeps that fraction of the device free (e.g. 0.1 for other tenants).
-    """
-    methods, optimizers = list(methods), list(optimizers)
-    usable = device_memory * (1.0 - headroom)
-    setups = enumerate_setups(seq_len, global_batch, max_world_size, methods, optimizers, checkpointing,
-                              world_sizes, device, lora_rank, target_modules)
-    candidates = []
-    for st in setups:
-        est = estimate_memory(arch, st)
-        speed = estimate_step_time(arch, st)
-        candidates.append(Candidate(st, est, speed["step_s"], speed["tokens_per_s"], est.peak_bytes <= usable))
-    candidates.sort(key=lambda c: (not c.fits, c.step_s, c.estimate.peak_bytes))
-    plan = MemoryPlan(int(device_memory), seq_len, global_batch, candidates, [])
-    if plan.best is None and suggest:
-        plan.suggestions = _what_would_fit(arch, candidates, usable, device_memory, seq_len, global_batch,
-                                           max_world_size, methods, optimizers, device, lora_rank, target_modules)
-    return plan
-
-
-def _what_would_fit(arch, candidates, usable, device_memory, seq_len, global_batch, max_world_size,
-                    methods, optimizers, device, lora_rank, target_modules) -> list[str]:
-    out = []
-    if candidates:
-        smallest = min(candidates, key=lambda c: c.estimate.peak_bytes)
-        need = smallest.estimate.peak_bytes / (usable / device_memory)
-        out.append(f"device memory: the smallest configuration ({smallest.setup.label()}) needs "
-                   f"{fmt_bytes(need)} per device; a device with that much would fit it")
-    for world in (2, 4, 8, 16, 32, 64):
-        if world <= max_world_size or global_batch % world:
-            continue
-        alt = plan_memory(arch, device_memory, seq_len, global_batch, world_sizes=[world], methods=methods,
-                          optimizers=optimizers, device=device, lora_rank=lora_rank, target_modules=target_modules,
-                          suggest=False)
-        if alt.best:
-            out.append(f"world size: sharding over {world} devices fits ({alt.best.setup.label()}, "
-                       f"{fmt_bytes(alt.best.estimate.peak_bytes)} per device)")
-            break
-    missing = [m for m in ("qlora", "lora") if m not in methods]
-    if missing:
-        alt = plan_memory(arch, device_memory, seq_len, global_batch, max_world_size, methods=missing,
-                          optimizers=optimizers, device=device, lora_rank=lora_rank, target_modules=target_modules,
-                          suggest=False)
-        if alt.best:
-            out.append(f"method: {alt.best.setup.method} fits ({alt.best.setup.label()})")
-    seq = seq_len // 2
-    while seq >= 64:
-        alt = plan_memory(arch, device_memory, seq, global_batch, max_world_size, methods=methods,
-                          optimizers=optimizers, device=device, lora_rank=lora_rank, target_modules=target_modules,
-                          suggest=False)
-        if alt.best:
-            out.append(f"seq_len: {seq} tokens fits ({alt.best.setup.label()})")
-            break
-        seq //= 2
-    return out
-
-
-# --------------------------------------------------------------------------- training preflight
-def normalize_optimizer(name: Any) -> str:
-    """Map optimizer spellings (adamw_torch, adamw8bit, paged_adamw_32bit, bnb...) to the planner's
-    names; anything else unknown is planned as AdamW (32-bit states: the conservative choice)."""
-    key = re.sub(r"[^a-z0-9]", "", str(name or "adamw").lower())
-    if key.startswith("sgd"):
-        return "sgd"
-    eight = "8bit" in key
-    if "paged" in key:
-        return "paged_adamw_8bit" if eight else "paged_adamw"
-    return "adamw_8bit" if eight else "adamw"
-
-
-def setup_from_config(cfg: Any, device: str = "cpu") -> TrainSetup:
-    """A `TrainSetup` from a FinetuneConfig-like object or dict (missing fields take defaults)."""
-    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
-    method = get("method", "qlora")
-    compute = get("compute_dtype", None)
-    if compute == "auto":
-        compute = None
-    targets = get("target_modules", "all-linear")
-    return TrainSetup(
-        method=method,
-        seq_len=int(get("seq_len", 512)),
-        micro_batch=int(get("micro_batch_size", None) or get("batch_size", 1)),
-        grad_accum=int(get("grad_accum_steps", None) or get("gradient_accumulation_steps", None)
-                       or get("accumulation_steps", None) or 1),
-        world_size=int(get("num_workers", 1) or 1),
-        gradient_checkpointing=bool(get("gradient_checkpointing", None) or get("grad_checkpointing", False)),
-        optimizer=normalize_optimizer(get("optimizer", "adamw")),  # type: ignore[arg-type]
-        lora_rank=int(get("lora_rank", 8)),
-        target_modules=targets if isinstance(targets, str) else tuple(targets),
-        compute_dtype=compute,
-        device=device,
-    )
-
-
-def check_fits(
-    cfg: Any,
-    device_memory_bytes: int,
-    arch: ModelArch | None = None,
-    device: str = "cpu",
-    field_prefix: str = "",
-) -> MemoryEstimate:
-    """Raise `ConfigError` when `cfg` is predicted not to fit in `device_memory_bytes` per device.
-
-    The message names the fields to change and the smallest change that would fit (checked
-    one knob at a time: gradient_checkpointing, batch_size, method, optimizer, num_workers);
-    otherwise returns the estimate. `arch` defaults to the architecture of `cfg.model`.
-    """
-    if arch is None:
-        from frugalray.models import resolve_model
-
-        get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
-        arch = model_arch(resolve_model(get("model", "smollm2-135m-instruct"), field=f"{field_prefix}model"))
-    setup = setup_from_config(cfg, device)
-    est = estimate_memory(arch, setup)
-    if est.peak_bytes <= device_memory_bytes:
-        return est
-    p = field_prefix
-    fixes = []
-    tries: list[tuple[str, TrainSetup]] = []
-    if not setup.gradient_checkpointing:
-        tries.append((f"{p}gradient_checkpointing: true", replace(setup, gradient_checkpointing=True)))
-    mb = setup.micro_batch // 2
-    while mb >= 1:
-        tries.append((f"{p}batch_size: {mb}", replace(setup, micro_batch=mb)))
-        mb //= 2
-    for method in ("lora", "qlora"):
-        if METHODS.index(method) > METHODS.index(setup.method):
-            tries.append((f"{p}method: {method}", replace(setup, method=method)))  # type: ignore[arg-type]
-    if "8bit" not in setup.optimizer and setup.optimizer != "sgd":
-        tries.append((f"{p}optimizer: adamw_8bit", replace(setup, optimizer="adamw_8bit")))
-    for world in (2, 4, 8):
-        if world > setup.world_size:
-            tries.append((f"{p}num_workers: {world}", replace(setup, world_size=world)))
-    for label, alt in tries:
-        alt_peak = estimate_memory(arch, alt).peak_bytes
-        if alt_peak <= device_memory_bytes:
-            fixes.append(f"{label} (predicted {fmt_bytes(alt_peak)})")
-            if label.startswith(f"{p}batch_size"):
-                tries = [t for t in tries if not t[0].startswith(f"{p}batch_size")]
-    # one fix per knob: the first (least drastic) that fits
-    seen, unique = set(), []
-    for f in fixes:
-        knob = f.split(":")[0]
-        if knob not in seen:
-            seen.add(knob)
-            unique.append(f)
-    top = sorted(est.breakdown().items(), key=lambda kv: -kv[1])[:3]
-    parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in top)
-    fix_text = ("; fix: set " + " or ".join(unique)) if unique else (
-        "; no single change fits: lower seq_len, or run `frugalray plan-memory` to search every knob")
-    raise ConfigError([
-        f"{p}method/{p}batch_size/{p}seq_len/{p}num_workers: predicted peak {fmt_bytes(est.peak_bytes)} per device "
-        f"({setup.label()}; largest: {parts}) exceeds the {fmt_bytes(device_memory_bytes)} available"
-        f"{fix_text}"
-    ])
-
-
-def available_device_memory(world_size: int = 1, device: str | None = None) -> tuple[int, str]:
-    """(bytes per device, device kind): CUDA free memory, or this host's available RAM / workers."""
-    try:
-        import torch
-
-        if (device in (None, "cuda")) and torch.cuda.is_available():
-            free, _total = torch.cuda.mem_get_info()
-            return int(free), "cuda"
-    except ImportError:
-        pass
-    import psutil
-
-    return int(psutil.virtual_memory().available // max(1, world_size)), "cpu"
-
-
-def preflight_memory(cfg: Any, device_memory: int | str | None = None, field_prefix: str = "") -> MemoryEstimate:
-    """What a training job calls before starting workers: plan against this host's (or the given)
-    memory per worker and refuse with `ConfigError` if the config is predicted not to fit."""
-    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
-    world = int(get("num_workers", 1) or 1)
-    if device_memory is None:
-        device_memory, device = available_device_memory(world)
-    else:
-        device_memory, device = parse_bytes(device_memory), "cpu"
-    return check_fits(cfg, int(device_memory), device=device, field_prefix=field_prefix)
-
-
-def memory_problems(cfg: Any, model_path: str, device_memory: int | str | None = None,
-                    field_prefix: str = "") -> list[str]:
-    """For a training preflight that collects every problem: [] when `cfg` is predicted to fit.
-
-    Device memory: the argument, else `cfg.device_memory` when the config has one ("24GiB"),
-    else what this host has (free CUDA memory, or available RAM / num_workers).
-    """
-    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
-    device_memory = device_memory if device_memory is not None else get("device_memory", None)
-    world = int(get("num_workers", 1) or 1)
-    if device_memory is None:
-        memory, device = available_device_memory(world)
-    else:
-        memory, device = parse_bytes(device_memory), ("cuda" if _cuda_available() else "cpu")
-    try:
-        check_fits(cfg, memory, arch=model_arch(model_path), device=device, field_prefix=field_prefix)
-    except ConfigError as err:
-        return list(err.problems)
-    except ValueError as err:  # e.g. unknown target modules: reported by the caller's own checks
-        return [f"{field_prefix}{err}"]
-    return []
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:
-        return False

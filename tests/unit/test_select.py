@@ -18,7 +18,8 @@ from frugalray.budget.ledger import ComputeLedger
 from frugalray.config import ConfigError, load_config, parse_config
 from frugalray.examples.loaders import FieldMapping, load_records
 from frugalray.data.score import ScoreConfig
-from frugalray.data.select import SelectConfig, curriculum_order, run_select, select_rows
+from frugalray.data.ranking import curriculum_order, select_rows
+from frugalray.data.select import SelectConfig, run_select
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,16 +15,9 @@ from hypothesis import strategies as st
 
 from frugalray.budget.flops import ModelShape, train_flops_per_token
 from frugalray.config import ConfigError, load_config, parse_config
-from frugalray.data.select import (
-    FlopBudget,
-    SelectConfig,
-    filter_reasons,
-    flop_budget_tokens,
-    markdown_report,
-    pack_by_preference,
-    run_select,
-    select_rows,
-)
+from frugalray.data.ranking import filter_reasons, pack_by_preference, select_rows
+from frugalray.data.select import SelectConfig, TrainingFlopBudget, flop_budget_tokens, run_select
+from frugalray.data.selection_report import markdown_report
 
 REPO = Path(__file__).resolve().parents[2]
 # A small Llama-shaped model: the FLOP arithmetic is the same as for a real one.
@@ -81,7 +74,7 @@ def test_knapsack_beats_first_fit_and_prefers_better_ranked_rows():
 
 
 def test_flop_budget_converts_through_the_flop_module():
-    budget = FlopBudget(flops=1e12, epochs=2, method="lora", lora_rank=4, target_modules=["q_proj", "v_proj"],
+    budget = TrainingFlopBudget(flops=1e12, epochs=2, method="lora", lora_rank=4, target_modules=["q_proj", "v_proj"],
                         seq_len=64)
     tokens, per_token = flop_budget_tokens(budget, SHAPE)
     assert per_token == train_flops_per_token(SHAPE, 64, "lora", SHAPE.lora_params(4, ["q_proj", "v_proj"]))
@@ -126,7 +119,7 @@ def test_selection_never_exceeds_any_budget_and_every_row_is_accounted_for(
         fraction = 0.5
     limit, cap, per_token = tokens, None, None
     if flops is not None:
-        budget = FlopBudget(flops=flops, epochs=epochs, method="lora", lora_rank=2, seq_len=seq_len)
+        budget = TrainingFlopBudget(flops=flops, epochs=epochs, method="lora", lora_rank=2, seq_len=seq_len)
         flop_tokens, per_token = flop_budget_tokens(budget, SHAPE)
         limit, cap = (flop_tokens if tokens is None else min(tokens, flop_tokens)), seq_len
     if fraction is None and limit is None:
@@ -182,7 +175,7 @@ def test_run_select_flop_budget_filters_and_markdown_report(tmp_path, default_mo
     with pytest.raises(ConfigError, match="budget.flops"):
         run_select(cfg, tmp_path / "run")
     shape = ModelShape.from_hf_config(json.loads((Path(default_model_path) / "config.json").read_text()))
-    per_token = flop_budget_tokens(FlopBudget(flops=1.0), shape)[1]
+    per_token = flop_budget_tokens(TrainingFlopBudget(flops=1.0), shape)[1]
     cfg = parse_config(SelectConfig, {
         "input_path": str(scored), "output_path": str(tmp_path / "kept.jsonl"), "histograms": False,
         "budget": {"flops": per_token * 70.5 * 2, "epochs": 2}, "drop_degenerate": True, "max_garbage_ratio": 0.5,

@@ -223,7 +223,7 @@ def run_auto_proxy(rows: list[dict[str, Any]], settings: AutoSettings, select_kw
     """
     from tqdm import tqdm
 
-    from frugalray.data.select import select_rows
+    from frugalray.data.ranking import select_rows
     from frugalray.models import DEFAULT_MODEL, resolve_model
     from frugalray.train.loop import LoraTrainingSession
 

@@ -1,32 +1,9 @@
-"""Keep a fraction of the rows, or a token budget's worth, ranked by a score column.
+"""The `select` stage: read scored rows, keep a fraction or a budget's worth, write them and a report.
 
-Strategies:
-- `lowest`: lowest score first. With perplexity under a reference model, this keeps the
-  most typical rows and drops the surprising ones, which is where garbled text, wrong
-  answers and other noise land (Marion 2023; Sorscher 2022: keep easy rows at small budgets).
-- `highest`: highest score first (the hardest rows; for large budgets on clean data).
-- `random`: a seeded random subset, the baseline every strategy must beat.
-- `middle`: the band around the median score, taken outward from it (drops both tails:
-  the trivially easy and the noisy-hard rows).
-- `stratified`: coverage-centric (Zheng 2023): the scored rows are cut into `strata`
-  quantile bins and taken round-robin, randomly (seeded) within each bin, so every part of
-  the score range is kept in equal measure (a bin that runs out leaves its share to the others).
-- `weighted`: weighted rank of several scores: each score in `weights` becomes its
-  percentile rank (0..1, ascending), and rows are taken by the lowest sum of weight x rank.
-  A positive weight prefers low values of that score, a negative weight high ones.
-
-Every strategy is an ordering of the eligible rows; the budget then takes a prefix of it.
-`dedup: true` (with the `duplicates` scorer's `dup_cluster` column) keeps at most one row
-per duplicate cluster: its best-ranked one. `curriculum: <score>` writes the kept rows in
-ascending order of that score (easy -> hard) with a `curriculum_rank` column; without it
-the kept rows are written in rank order.
-
-Every dropped row has a reason: `unscorable` (no finite score), `degenerate` / `garbage` /
-`wrong_answer` (a filter below), `duplicate` (another row of its cluster was kept) or
-`budget` (ranked outside the budget). The report counts them,
-shows a few examples of each, and draws a histogram per score column (PNG, all rows vs
-kept). Nothing is lost: with the scoring sidecar next to the input, the job checks that
-the rows scoring read equal kept + dropped + quarantined.
+`SelectConfig` is the stage's YAML; `run_select` is the recipe: read the scored rows, check
+the columns the settings need, turn the budgets into a token limit, rank and pack
+(`frugalray.data.ranking`: strategies, filters, dedup, the knapsack), check that no row was
+lost, write the kept rows, then the report (`frugalray.data.selection_report`).
 
 Budgets (any combination; every one set is respected, none is ever exceeded):
 - `keep_fraction`: at most round(f * rows) rows;
@@ -35,11 +12,11 @@ Budgets (any combination; every one set is respected, none is ever exceeded):
   (a subset-sum over the next-ranked rows that fills it best, ties to the better-ranked
   rows), then any row further down that still fits is added. The best-ranked prefix is
   always kept, and no dropped eligible row fits in what is left;
-- `budget: {flops, epochs, ...}`: the FLOP budget of the training that follows, turned into
-  a token budget through `budget.flops.train_flops_per_token` for the configured model,
-  method, LoRA rank and seq_len (the per-token cost at the full seq_len, an upper bound of
-  what a padded batch costs). A row then costs min(n_tokens, seq_len) tokens, what training
-  reads of it after truncation, so epochs x kept tokens x per-token FLOPs <= flops.
+- `budget: {flops, epochs, ...}` (`TrainingFlopBudget`): the FLOP budget of the training that
+  follows, turned into a token budget through `budget.flops.train_flops_per_token` for the
+  configured model, method, LoRA rank and seq_len (the per-token cost at the full seq_len, an
+  upper bound of what a padded batch costs). A row then costs min(n_tokens, seq_len) tokens,
+  what training reads of it after truncation, so epochs x kept tokens x per-token FLOPs <= flops.
 Rows with a non-finite score (e.g. a response truncated away while scoring) are never kept.
 
 Filters before ranking, each a drop reason of its own: `drop_degenerate` (the heuristics
@@ -47,6 +24,17 @@ scorer's `degenerate_reason` is set: empty, repetitive, copies the prompt),
 `max_garbage_ratio` (character-level garbage above the threshold) and `drop_wrong_answer`
 (the verifier scorer's `answer_correct` is 0: the response does not state the row's reference
 answer; rows without a reference, `answer_correct` null, are not judged and stay).
+`dedup: true` (with the `duplicates` scorer's `dup_cluster` column) keeps at most one row
+per duplicate cluster: its best-ranked one. `curriculum: <score>` writes the kept rows in
+ascending order of that score (easy -> hard) with a `curriculum_rank` column; without it
+the kept rows are written in rank order.
+
+Every dropped row has a reason: `unscorable` (no finite score), `degenerate` / `garbage` /
+`wrong_answer` (a filter above), `duplicate` (another row of its cluster was kept) or
+`budget` (ranked outside the budget). The report counts them, shows a few examples of each,
+and draws a histogram per score column (PNG, all rows vs kept). Nothing is lost: with the
+scoring sidecar next to the input, the job checks that the rows scoring read equal kept +
+dropped + quarantined.
 
 `strategy: auto` runs a small proxy experiment (`frugalray.data.auto_select`): each candidate
 strategy selects under the same budget, a tiny LoRA fine-tune trains on each subset, and the
@@ -64,32 +52,32 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
 from frugalray.budget.flops import ModelShape, train_flops_per_token
+from frugalray.budget.ledger import ComputeLedger
 from frugalray.config import ConfigError, StrictModel
-from frugalray.data.auto_select import AutoSettings
-from frugalray.models import DEFAULT_MODEL
+from frugalray.data.auto_select import AutoSettings, run_auto_proxy
+from frugalray.data.ranking import curriculum_order, filter_reasons, select_rows
+from frugalray.data.selection_report import (
+    HISTOGRAM_COLUMNS,
+    markdown_report,
+    selection_report,
+    write_histograms,
+)
+from frugalray.examples.loaders import read_rows
+from frugalray.models import DEFAULT_MODEL, model_shape, resolve_model
 
 log = logging.getLogger(__name__)
 
-Strategy = Literal["lowest", "highest", "random", "middle", "stratified", "weighted"]
 SelectStrategy = Literal["lowest", "highest", "random", "middle", "stratified", "weighted", "auto"]
-DropReason = Literal["unscorable", "degenerate", "garbage", "wrong_answer", "duplicate", "budget"]
-# Numeric columns `score` may write; the report draws a histogram of each one present.
-HISTOGRAM_COLUMNS = (
-    "perplexity", "mean_nll", "ifd", "grand", "n_tokens", "garbage_ratio", "repetition_ratio", "response_chars",
-)
 
 
-class FlopBudget(StrictModel):
+class TrainingFlopBudget(StrictModel):
     """The FLOP budget of the training that follows selection, in that training's terms.
 
     Defaults match `FinetuneConfig`'s (QLoRA, rank 8, all linear layers, seq_len 128).
@@ -105,7 +93,7 @@ class FlopBudget(StrictModel):
     gradient_checkpointing: bool = False
 
 
-def flop_budget_tokens(budget: FlopBudget, shape: ModelShape) -> tuple[int, float]:
+def flop_budget_tokens(budget: TrainingFlopBudget, shape: ModelShape) -> tuple[int, float]:
     """(tokens the budget pays for over all epochs, training FLOPs per token) for a model shape.
 
     The per-token cost is taken at the full seq_len: a padded batch is never wider, so the
@@ -124,7 +112,7 @@ class SelectConfig(StrictModel):
     keep_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
     token_budget: int | None = Field(default=None, ge=1, description="most tokens (token_column) to keep")
     token_column: str = "n_tokens"
-    budget: FlopBudget | None = Field(
+    budget: TrainingFlopBudget | None = Field(
         default=None, description="FLOP budget of the training that follows, converted to a token budget"
     )
     drop_degenerate: bool = Field(
@@ -188,290 +176,6 @@ class SelectResult(BaseModel):
     markdown_report_path: str | None = None
 
 
-@dataclass
-class Selection:
-    kept: list[dict[str, Any]]
-    dropped: list[dict[str, Any]]
-    unscored: int  # rows never eligible: a missing or non-finite score
-    kept_tokens: int
-    drop_reasons: list[str] | None = None  # parallel to `dropped`
-
-    def reason_counts(self) -> dict[str, int]:
-        return dict(Counter(self.drop_reasons or []))
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _percentile_ranks(values: list[float]) -> list[float]:
-    """Ascending rank of each value scaled to 0..1 (ties share their mean rank)."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    pos = 0
-    while pos < len(order):
-        end = pos
-        while end + 1 < len(order) and values[order[end + 1]] == values[order[pos]]:
-            end += 1
-        for k in range(pos, end + 1):
-            ranks[order[k]] = (pos + end) / 2
-        pos = end + 1
-    scale = max(1, len(values) - 1)
-    return [r / scale for r in ranks]
-
-
-def rank_rows(
-    rows: list[dict[str, Any]],
-    score: str = "perplexity",
-    strategy: Strategy = "lowest",
-    seed: int = 0,
-    strata: int = 5,
-    weights: dict[str, float] | None = None,
-) -> tuple[list[int], list[int]]:
-    """(eligible row indices in the order the strategy prefers them, ineligible indices)."""
-    scores = list(weights) if strategy == "weighted" else [score]
-    # A random baseline needs no score, but draws from the same pool: rows whose score is
-    # present and non-finite (unscorable) are excluded for every strategy.
-    eligible = [
-        i for i, r in enumerate(rows)
-        if all(_finite(r.get(s)) or (strategy == "random" and s not in r) for s in scores)
-    ]
-    eligible_set = set(eligible)
-    ineligible = [i for i in range(len(rows)) if i not in eligible_set]
-    rng = random.Random(seed)
-    if strategy == "random":
-        rng.shuffle(eligible)
-    elif strategy in ("lowest", "highest"):
-        sign = 1 if strategy == "lowest" else -1
-        eligible.sort(key=lambda i: (sign * rows[i][score], i))  # index breaks ties: stable and deterministic
-    elif strategy == "middle":
-        ordered = sorted(eligible, key=lambda i: (rows[i][score], i))
-        center = (len(ordered) - 1) / 2
-        eligible = [ordered[k] for k in sorted(range(len(ordered)), key=lambda k: (abs(k - center), k))]
-    elif strategy == "stratified":
-        ordered = sorted(eligible, key=lambda i: (rows[i][score], i))
-        bins = [ordered[b * len(ordered) // strata : (b + 1) * len(ordered) // strata] for b in range(strata)]
-        for members in bins:
-            rng.shuffle(members)
-        eligible = [members[k] for k in range(max(map(len, bins), default=0)) for members in bins if k < len(members)]
-    elif strategy == "weighted":
-        assert weights, "weights: required by the weighted strategy"
-        total = [0.0] * len(eligible)
-        for column, weight in weights.items():
-            for k, rank in enumerate(_percentile_ranks([rows[i][column] for i in eligible])):
-                total[k] += weight * rank
-        eligible = [eligible[k] for k in sorted(range(len(eligible)), key=lambda k: (total[k], eligible[k]))]
-    else:
-        raise ValueError(f"strategy: unknown {strategy!r}; use one of {Strategy.__args__}")
-    return eligible, ineligible
-
-
-# Most cells of the exact-fill table (candidates x capacity) `pack_by_preference` builds.
-_PACK_CELLS = 20_000_000
-
-
-def pack_by_preference(
-    sizes: list[int], capacity: int | None, max_items: int | None = None, window: int = 4096
-) -> list[int]:
-    """0/1 knapsack over lengths, items given in preference order: the positions to keep.
-
-    1. Take items in order while they fit (the best-ranked prefix is always kept).
-    2. Pack the capacity left exactly: a subset-sum over the next `window` items that fills
-       it best; among equal fills the better-ranked items win.
-    3. Add any later item that still fits (first fit).
-    Never more than `capacity` in total or `max_items` items; at the end no unkept item fits
-    in what is left (unless `max_items` is reached).
-    """
-    import numpy as np
-
-    n = len(sizes)
-    limit_items = n if max_items is None else max(0, min(n, max_items))
-    if capacity is None:
-        return list(range(limit_items))
-    kept: list[int] = []
-    used = 0
-    k = 0
-    while k < n and len(kept) < limit_items and used + sizes[k] <= capacity:
-        kept.append(k)
-        used += sizes[k]
-        k += 1
-    if k == n or len(kept) == limit_items:
-        return kept
-    left = capacity - used
-    slots = limit_items - len(kept)
-    window = max(1, min(window, _PACK_CELLS // (left + 1)))
-    candidates = [j for j in range(k, min(n, k + window)) if sizes[j] <= left]
-    beyond = list(range(min(n, k + window), n))
-    if candidates and left > 0:
-        m = len(candidates)
-        best = np.full(left + 1, -np.inf)
-        best[0] = 0.0
-        took = np.zeros((m, left + 1), dtype=bool)
-        for pos, j in enumerate(candidates):
-            size = sizes[j]
-            # Fill dominates (integer tokens); the bonus (< 0.5 summed over all items) breaks
-            # ties towards better-ranked items.
-            value = size + (m - pos) / (m * (m + 1.0))
-            shifted = np.full(left + 1, -np.inf)
-            shifted[size:] = best[: left + 1 - size] + value
-            better = shifted > best
-            took[pos] = better
-            best = np.where(better, shifted, best)
-        cell = int(np.argmax(best))
-        chosen = []
-        for pos in range(m - 1, -1, -1):
-            if took[pos, cell]:
-                chosen.append(candidates[pos])
-                cell -= sizes[candidates[pos]]
-        chosen.reverse()
-        if len(chosen) > slots:  # too many items for the row limit: first fit instead
-            beyond = candidates + beyond
-        else:
-            kept += chosen
-            used += sum(sizes[j] for j in chosen)
-            slots -= len(chosen)
-    else:
-        beyond = candidates + beyond
-    for j in beyond:
-        if slots == 0:
-            break
-        if used + sizes[j] <= capacity:
-            kept.append(j)
-            used += sizes[j]
-            slots -= 1
-    return sorted(kept)
-
-
-def filter_reasons(
-    rows: list[dict[str, Any]], drop_degenerate: bool = False, max_garbage_ratio: float | None = None,
-    drop_wrong_answer: bool = False,
-) -> dict[int, str]:
-    """Rows removed before ranking by the heuristics and verifier scorers' columns: {row index: reason}.
-
-    A row several filters catch gets the first reason of degenerate, garbage, wrong_answer."""
-    reasons: dict[int, str] = {}
-    for i, row in enumerate(rows):
-        if drop_degenerate and row.get("degenerate_reason"):
-            reasons[i] = "degenerate"
-        elif max_garbage_ratio is not None and _finite(row.get("garbage_ratio")) and row["garbage_ratio"] > max_garbage_ratio:
-            reasons[i] = "garbage"
-        elif drop_wrong_answer and _finite(row.get("answer_correct")) and row["answer_correct"] == 0:
-            reasons[i] = "wrong_answer"  # null / NaN: no reference answer, nothing to judge
-    return reasons
-
-
-def select_rows(
-    rows: list[dict[str, Any]],
-    score: str = "perplexity",
-    strategy: Strategy = "lowest",
-    keep_fraction: float | None = None,
-    token_budget: int | None = None,
-    seed: int = 0,
-    token_column: str = "n_tokens",
-    *,
-    strata: int = 5,
-    weights: dict[str, float] | None = None,
-    cluster_column: str | None = None,
-    token_cap: int | None = None,
-    excluded: dict[int, str] | None = None,
-) -> Selection:
-    """Split rows into kept and dropped; pure, so it is tested without data files or Ray.
-
-    `keep_fraction` keeps at most round(f * len(rows)) rows (fewer if fewer are eligible).
-    `token_budget` keeps rows whose `token_column` total fits (`pack_by_preference`); with
-    `token_cap` a row counts min(tokens, token_cap) (what training reads after truncation).
-    Both may be set; both are respected. `cluster_column` (dedup) keeps at most one row per
-    value of that column. `excluded` ({row index: reason}) removes rows before ranking.
-    """
-    if keep_fraction is None and token_budget is None:
-        raise ValueError("keep_fraction, token_budget: set at least one of them")
-    eligible, ineligible = rank_rows(rows, score, strategy, seed, strata, weights)
-    reasons: dict[int, str] = dict.fromkeys(ineligible, "unscorable")
-    if excluded:
-        for i, why in excluded.items():
-            reasons.setdefault(i, why)
-        eligible = [i for i in eligible if i not in excluded]
-    if cluster_column is not None:
-        seen: set = set()
-        unique = []
-        for i in eligible:
-            cluster = rows[i].get(cluster_column)
-            if cluster is not None and cluster in seen:
-                reasons[i] = "duplicate"
-                continue
-            seen.add(cluster)
-            unique.append(i)
-        eligible = unique
-
-    def cost(i: int) -> int:
-        n = max(0, int(rows[i].get(token_column) or 0))
-        return min(n, token_cap) if token_cap is not None else n
-
-    sizes = [cost(i) for i in eligible]
-    max_items = round(keep_fraction * len(rows)) if keep_fraction is not None else None
-    keep = [eligible[k] for k in pack_by_preference(sizes, token_budget, max_items)]
-    kept_tokens = sum(cost(i) for i in keep)
-    kept_set = set(keep)
-    dropped = [i for i in range(len(rows)) if i not in kept_set]
-    return Selection(
-        kept=[rows[i] for i in keep],
-        dropped=[rows[i] for i in dropped],
-        unscored=len(ineligible),
-        kept_tokens=kept_tokens,
-        drop_reasons=[reasons.get(i, "budget") for i in dropped],
-    )
-
-
-def curriculum_order(rows: list[dict[str, Any]], score: str) -> list[dict[str, Any]]:
-    """Kept rows easy -> hard (ascending score; rows without a finite score last), ranked 0..n-1."""
-    order = sorted(range(len(rows)), key=lambda i: (not _finite(rows[i].get(score)), rows[i].get(score) if _finite(rows[i].get(score)) else 0, i))
-    return [{**rows[i], "curriculum_rank": rank} for rank, i in enumerate(order)]
-
-
-def _score_range(rows: list[dict], score: str) -> dict[str, float | None]:
-    values = [r[score] for r in rows if _finite(r.get(score))]
-    return {"min": min(values) if values else None, "max": max(values) if values else None}
-
-
-def _drop_examples(selection: Selection, scores: list[str], per_reason: int = 3) -> dict[str, list[dict]]:
-    examples: dict[str, list[dict]] = {}
-    for row, reason in zip(selection.dropped, selection.drop_reasons or []):
-        bucket = examples.setdefault(reason, [])
-        if len(bucket) < per_reason:
-            shown = {"id": row.get("id"), "prompt": str(row.get("prompt", ""))[:200], "response": str(row.get("response", ""))[:200]}
-            shown.update({s: row.get(s) for s in dict.fromkeys([*scores, "dup_cluster", "noise_kind"]) if s in row})
-            bucket.append(shown)
-    return examples
-
-
-def write_histograms(rows: list[dict], kept: list[dict], columns: list[str], stem: Path) -> list[str]:
-    """One PNG per numeric score column: every scored row vs the kept ones."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on a cluster node
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for column in columns:
-        values = [r[column] for r in rows if _finite(r.get(column))]
-        if not values:
-            continue
-        kept_values = [r[column] for r in kept if _finite(r.get(column))]
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        bins = min(40, max(5, len(set(values))))
-        ax.hist(values, bins=bins, alpha=0.5, label=f"all ({len(values)})")
-        ax.hist(kept_values, bins=bins, range=(min(values), max(values)), alpha=0.7, label=f"kept ({len(kept_values)})")
-        ax.set_xlabel(column)
-        ax.set_ylabel("rows")
-        ax.legend()
-        fig.tight_layout()
-        path = stem.parent / f"{stem.name}_hist_{column}.png"
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        paths.append(str(path))
-    return paths
-
-
 def scoring_accounting(input_path: str) -> tuple[int | None, int]:
     """(rows the scoring stage read, rows it quarantined) from the sidecar next to its output.
 
@@ -484,98 +188,8 @@ def scoring_accounting(input_path: str) -> tuple[int | None, int]:
     return int(meta["rows_in"]), int(meta["rows_quarantined"])
 
 
-def selection_report(
-    rows: list[dict], selection: Selection, cfg: SelectConfig, strategy: str | None = None, score: str | None = None,
-    weights: dict[str, float] | None = None,
-) -> dict[str, Any]:
-    score = score or cfg.score
-    weights = weights if weights is not None else cfg.weights
-    report: dict[str, Any] = {
-        "rows_in": len(rows),
-        "kept": len(selection.kept),
-        "dropped": len(selection.dropped),
-        "unscored_dropped": selection.unscored,
-        "kept_tokens": selection.kept_tokens,
-        "score": score,
-        "strategy": strategy or cfg.strategy,
-        "configured_strategy": cfg.strategy,
-        "keep_fraction": cfg.keep_fraction,
-        "token_budget": cfg.token_budget,
-        "kept_score": _score_range(selection.kept, score),
-        "dropped_score": _score_range(selection.dropped, score),
-        "dedup": cfg.dedup,
-        "drop_degenerate": cfg.drop_degenerate,
-        "max_garbage_ratio": cfg.max_garbage_ratio,
-        "drop_wrong_answer": cfg.drop_wrong_answer,
-        "weights": weights,
-        "curriculum": cfg.curriculum,
-        "drop_reasons": selection.reason_counts(),
-        "drop_examples": _drop_examples(
-            selection, [score, *(weights or {}), "garbage_ratio", "degenerate_reason", "answer_correct", "n_tokens"]
-        ),
-    }
-    if any("noise_kind" in r for r in rows):
-        total = Counter(r.get("noise_kind", "none") for r in rows)
-        dropped = Counter(r.get("noise_kind", "none") for r in selection.dropped)
-        report["noise"] = {
-            kind: {"in": total[kind], "dropped": dropped.get(kind, 0), "kept": total[kind] - dropped.get(kind, 0)}
-            for kind in sorted(total)
-        }
-        noisy_in = sum(n for k, n in total.items() if k != "none")
-        noisy_dropped = sum(n for k, n in dropped.items() if k != "none")
-        report["noisy_dropped_fraction"] = noisy_dropped / noisy_in if noisy_in else None
-    return report
-
-
-def _md_cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "-" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_report(report: dict[str, Any]) -> str:
-    """The report as Markdown: counts, budgets, removal reasons with example rows, auto's table."""
-    lines = [f"# Selection report: {report['strategy']} {report['score'] if report['strategy'] != 'random' else ''}", ""]
-    source = report.get("source_rows_in")
-    lines += [
-        (f"- rows in: {source if source is not None else report['rows_in']}"
-         f" = kept {report['kept']} + dropped {report['dropped']} + quarantined {report.get('quarantined', 0)}"),
-        f"- kept tokens: {report['kept_tokens']}",
-    ]
-    for key in ("keep_fraction", "token_budget", "token_limit", "flop_budget", "train_flops"):
-        if report.get(key) is not None:
-            lines.append(f"- {key}: {_md_cell(report[key])}")
-    lines += ["", "## Removed, and why", "", "| reason | rows |", "|---|---|"]
-    lines += [f"| {reason} | {n} |" for reason, n in sorted(report["drop_reasons"].items())]
-    for reason, examples in report["drop_examples"].items():
-        lines += ["", f"### {reason}: examples", ""]
-        columns = list(dict.fromkeys(k for ex in examples for k in ex))
-        lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(_md_cell(ex.get(c))[:80] for c in columns) + " |" for ex in examples]
-    if "noise" in report:
-        lines += ["", "## Labelled noise", "", "| noise kind | in | dropped | kept |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['in']} | {v['dropped']} | {v['kept']} |" for k, v in report["noise"].items()]
-    auto = report.get("auto")
-    if auto:
-        lines += ["", "## strategy: auto", "", f"Winner: **{auto['winner']}**. {auto['why']}.", "",
-                  f"Held-out: {auto['heldout_source']} ({auto['heldout_rows']} rows); proxy FLOPs {auto['flops']:.3e}.", "",
-                  "| candidate | kept | kept tokens | steps | train FLOPs | eval loss | accuracy | note |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for c in auto["candidates"]:
-            lines.append(
-                f"| {c['name']} | {c['kept']} | {c['kept_tokens']} | {c['steps']} | {c['train_flops']:.3e} | "
-                f"{_md_cell(c['eval_loss'])} | {_md_cell(c['accuracy'])} | {c['skipped'] or ''} |"
-            )
-    if report.get("histograms"):
-        lines += ["", "## Histograms (all rows vs kept)", ""]
-        lines += [f"![{Path(p).stem}]({Path(p).name})" for p in report["histograms"]]
-    return "\n".join(lines) + "\n"
-
-
 def _read_scored(path: str) -> tuple[list[dict[str, Any]], list[str]]:
     import pyarrow.parquet as pq
-
-    from frugalray.examples.loaders import read_rows
 
     p = Path(path)
     if not p.exists():
@@ -631,8 +245,6 @@ def resolve_token_limit(cfg: SelectConfig) -> tuple[int | None, int | None, floa
     """(token budget to apply, per-row token cap, training FLOPs per token) from token_budget and budget."""
     if cfg.budget is None:
         return cfg.token_budget, None, None
-    from frugalray.models import model_shape, resolve_model
-
     model_path = resolve_model(cfg.budget.model, field="budget.model")
     config_json = Path(model_path) / "config.json"
     # A local model's shape straight from its config.json: no transformers import for arithmetic.
@@ -652,8 +264,6 @@ def resolve_token_limit(cfg: SelectConfig) -> tuple[int | None, int | None, floa
 
 def run_select(cfg: SelectConfig, run_dir: str | Path, ledger=None) -> SelectResult:
     """Select from the scored rows at `cfg.input_path`; write the subset and its report."""
-    from frugalray.budget.ledger import ComputeLedger
-
     start = time.time()
     output = Path(cfg.output_path)
     if output.suffix != ".jsonl":
@@ -669,8 +279,6 @@ def run_select(cfg: SelectConfig, run_dir: str | Path, ledger=None) -> SelectRes
     }
     strategy, score, weights, auto = cfg.strategy, cfg.score, cfg.weights, None
     if cfg.strategy == "auto":
-        from frugalray.data.auto_select import run_auto_proxy
-
         auto = run_auto_proxy(rows, cfg.auto, budget_kwargs)
         strategy, score, weights = auto.winner.strategy, auto.winner.score, auto.winner.weights
         log.info("strategy auto chose %s: %s", auto.winner.label(), auto.why)

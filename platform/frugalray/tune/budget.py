@@ -1,6 +1,6 @@
 """A shared FLOP cap for a sweep: reserve before spending, so the sum never exceeds the cap.
 
-`FlopReservations` is the pure arithmetic (unit-tested without Ray). `FlopBudget` is a
+`FlopReservations` is the pure arithmetic (unit-tested without Ray). `SweepFlopBudget` is a
 small Ray actor wrapping it so that concurrent trials draw from one pot: an actor runs
 one method call at a time, so check-and-reserve is atomic across trials.
 
@@ -141,7 +141,7 @@ def read_journal(path: str | Path) -> list[dict]:
     return events
 
 
-class FlopBudget:
+class SweepFlopBudget:
     """Ray actor class (decorated with `ray.remote` by `create_flop_budget`).
 
     With `journal`, the state is first rebuilt from the file (a resumed sweep) and every
@@ -195,14 +195,14 @@ class FlopBudget:
 
 
 def create_flop_budget(cap: float, name: str, journal: str | Path | None = None):
-    """A named FlopBudget actor (0 CPUs: it only does arithmetic) that trials find with `ray.get_actor`.
+    """A named SweepFlopBudget actor (0 CPUs: it only does arithmetic) that trials find with `ray.get_actor`.
 
     With a journal it is pinned to the driver's node, where the run directory lives.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    actor_cls = ray.remote(num_cpus=0, max_concurrency=1)(FlopBudget)
+    actor_cls = ray.remote(num_cpus=0, max_concurrency=1)(SweepFlopBudget)
     options = {"name": name, "lifetime": None}
     if journal is not None:
         node = ray.get_runtime_context().get_node_id()

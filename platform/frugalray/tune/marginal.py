@@ -18,7 +18,7 @@ Internally every metric is turned into a loss (lower is better; negated for mode
 
 Cap invariant (tested with hypothesis): sum(spent) <= sum(granted) <= flop_cap under any
 interleaving of events, when trials only spend what `request` granted. The Tune adapter
-instead reports FLOPs already spent under the FlopBudget actor's reservations; then the
+instead reports FLOPs already spent under the SweepFlopBudget actor's reservations; then the
 policy's pool only mirrors the spend (and admission uses it), the actor holds the cap.
 """
 
@@ -35,7 +35,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-# -- learning-curve estimation --------------------------------------------------------------
+# -- learning-curve estimation ---------------------------------------------------------------------
 
 # Power-law exponents tried by the fit: L(c) = a * (c / c_ref)^-b + l_inf is linear in
 # (a, l_inf) once b is fixed, so a 1-D grid over b plus closed-form weighted least squares
@@ -78,7 +78,7 @@ def _robust_scale(residuals: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(residuals - np.median(residuals))))
 
 
-def _fit_power(c: np.ndarray, y: np.ndarray) -> CurveFit | None:
+def fit_power_curve(c: np.ndarray, y: np.ndarray) -> CurveFit | None:
     """Huber-weighted least squares of y = a*(c/c_ref)^-b + l_inf: a grid over b, then a finer one."""
     fit = _fit_power_on(c, y, _EXPONENTS)
     if fit is None:
@@ -150,7 +150,7 @@ def fit_learning_curve(flops, losses, min_points: int = 4, window: int = 5) -> C
     if c.size == 1:
         return CurveFit(kind="flat", n=1, last_flops=float(c[0]), level=float(y[0]), noise=0.0)
     if c.size >= min_points:
-        power = _fit_power(c, y)
+        power = fit_power_curve(c, y)
         if power is not None:
             return power
     return _fit_slope(c, y, max(2, window))
@@ -164,7 +164,7 @@ def _expected_improvement(target: float, mean: float, sd: float) -> float:
     return (target - mean) * cdf + sd * pdf
 
 
-# -- the policy ------------------------------------------------------------------------------
+# -- the policy ------------------------------------------------------------------------------------
 
 
 class Decision(str, Enum):
@@ -249,7 +249,7 @@ class MarginalGainPolicy:
     def _changed(self) -> None:
         self._memo.clear()
 
-    # -- budget ---------------------------------------------------------------------------
+    # -- budget ------------------------------------------------------------------------------------
     @property
     def committed(self) -> float:
         if "committed" not in self._memo:
@@ -297,7 +297,7 @@ class MarginalGainPolicy:
         self._changed()
         return True
 
-    # -- events ---------------------------------------------------------------------------
+    # -- events ------------------------------------------------------------------------------------
     def trial_added(self, trial_id: str) -> None:
         self._changed()
         if trial_id in self.trials:
@@ -379,7 +379,7 @@ class MarginalGainPolicy:
                     best_id, best_key = t.trial_id, key
         return best_id
 
-    # -- estimates ------------------------------------------------------------------------
+    # -- estimates ---------------------------------------------------------------------------------
     def incumbent(self) -> tuple[str | None, float]:
         """The trial with the best smoothed current loss (its fit's level), and that loss."""
         if "incumbent" in self._memo:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from frugalray.tune.marginal import Decision, MarginalGainPolicy, MarginalGainSettings
+from frugalray.tune.marginal import Decision, MarginalGainPolicy, MarginalGainSettings, fit_learning_curve
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,6 @@ def synthetic_space(n_configs: int, seed: int, reports_per_trial: int = 64,
 
 def recorded_noise(curves: list[dict]) -> float:
     """Eval noise of recorded curves: the median over curves of the robust residual scale of each curve's fit."""
-    from frugalray.tune.marginal import fit_learning_curve
-
     scales = []
     for c in curves:
         y = np.asarray(c["losses"], dtype=float)
@@ -133,7 +131,7 @@ def recorded_space(recording: dict, seed: int, noise: float | None = None) -> Se
     return SearchSpace([built[i] for i in order], chunk * n_reports, chunk, sd, spike_prob=0.0, spike_size=0.0)
 
 
-# -- methods ---------------------------------------------------------------------------------
+# -- methods ---------------------------------------------------------------------------------------
 
 
 class Method:
@@ -277,7 +275,7 @@ class Marginal(Method):
         self.policy.trial_finished(str(i), "cap")
 
 
-# -- the replay loop -------------------------------------------------------------------------
+# -- the replay loop -------------------------------------------------------------------------------
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 
-from frugalray.tune.marginal import CurveFit, _fit_power, fit_learning_curve
+from frugalray.tune.marginal import CurveFit, fit_learning_curve, fit_power_curve
 
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
 
@@ -85,7 +85,7 @@ def fit_power_law(x, loss, axis: str = "flops") -> PowerLaw | None:
     if x.size < 3:
         return None
     order = np.argsort(x)
-    fit: CurveFit | None = _fit_power(x[order], loss[order])
+    fit: CurveFit | None = fit_power_curve(x[order], loss[order])
     if fit is None:
         return None
     pred = fit.a * np.power(x / fit.c_ref, -fit.b) + fit.l_inf
@@ -147,7 +147,7 @@ def fit_scaling(
     return out
 
 
-# -- Chinchilla-style L(N, D) -------------------------------------------------------------------
+# -- Chinchilla-style L(N, D) ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ def chinchilla_split(fit: ChinchillaFit, compute: float, flops_per_param_token: 
     return n_opt, budget / n_opt
 
 
-# -- a sweep-level stopping rule from the fits --------------------------------------------------
+# -- a sweep-level stopping rule from the fits -----------------------------------------------------
 
 
 @dataclass

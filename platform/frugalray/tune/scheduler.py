@@ -5,7 +5,7 @@
 
 FLOPs are the time axis: each result must carry the trial's cumulative FLOPs under
 `time_attr` (default "flops", what `sweep_trial` reports). The hard cap is held by the
-trials' FlopBudget reservations; the scheduler mirrors the spend to decide:
+trials' SweepFlopBudget reservations; the scheduler mirrors the spend to decide:
 
 - on_trial_result -> CONTINUE / STOP, and PAUSE when `pausable`, i.e. the trainable reports a
   checkpoint with each result (`sweep_trial` does when the sweep's `pause_trials` is on; Tune
@@ -75,7 +75,7 @@ class MarginalGainScheduler(TrialScheduler):
         self._stop_requested: set[str] = set()
         self._num_stopped = 0
 
-    # -- Tune wiring ----------------------------------------------------------------------
+    # -- Tune wiring -------------------------------------------------------------------------------
     def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
         if (self._metric and metric) or (self._mode and mode):
             return False
@@ -95,7 +95,7 @@ class MarginalGainScheduler(TrialScheduler):
             self.policy = MarginalGainPolicy(MarginalGainSettings(**self._settings_kwargs, mode=self._mode))
         return self.policy
 
-    # -- configs not created yet (GatedVariantGenerator) --------------------------------------
+    # -- configs not created yet (GatedVariantGenerator) -------------------------------------------
     def configs_waiting(self, waiting: bool) -> None:
         """Whether the generator still holds configs it has not created: the policy sees them as one
         pending option (`NEXT_CONFIG`), so a trial is paused for an untried config it cannot see yet."""

@@ -15,29 +15,23 @@ and jobs/select_data.py first, or point data_path at any .jsonl/.json/.parquet d
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
-from frugalray.config import ConfigError, load_config
+from frugalray.config import ConfigError
 from frugalray.ray_utils import init_ray
-from frugalray.train.finetune import FinetuneConfig, preflight_finetune, run_finetune
+from frugalray.stages import config_from_args, job_parser
+from frugalray.train.finetune import preflight_finetune, run_finetune
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML file of FinetuneConfig fields")
-    parser.add_argument("--run-dir", default="runs/finetune", help="where the adapter, checkpoints and ledger go")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    parser.add_argument("--resume-from", default=None, metavar="RUN_DIR_OR_CHECKPOINT",
-                        help="continue a finished or stopped run from its latest checkpoint (raise max_steps)")
-    args = parser.parse_args(argv)
+    # --config, --run-dir, --set and --resume-from (frugalray.stages)
+    args = job_parser("finetune", __doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     # 1. Validate the config, the model and the data before any Ray work.
     try:
-        overrides = args.set + ([f"resume_from={args.resume_from}"] if args.resume_from else [])
-        cfg = load_config(FinetuneConfig, args.config, overrides)
+        cfg = config_from_args("finetune", args)  # --resume-from sets resume_from
         preflight_finetune(cfg)
     except ConfigError as err:
         print(err, file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Ray Job entrypoint for the main job: generate -> score -> select -> sweep -> finetune -> serve.
+r"""Ray Job entrypoint for the main job: generate -> score -> select -> sweep -> finetune -> serve.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/pipeline.py --config jobs/configs/pipeline_small.yaml
@@ -9,25 +9,21 @@ run directly (`python jobs/pipeline.py --config ...`) it starts a local Ray clus
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
-from frugalray.config import ConfigError, load_config
-from frugalray.pipeline import PipelineConfig, run_pipeline, summary_exit_code
+from frugalray.config import ConfigError
+from frugalray.pipeline import run_pipeline, summary_exit_code
+from frugalray.stages import config_from_args, job_parser
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="pipeline YAML (jobs/configs/pipeline.yaml)")
-    parser.add_argument("--run-dir", default=None, help="overrides run_dir from the config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = job_parser("pipeline", __doc__).parse_args(argv)  # --config, --run-dir, --set: frugalray.stages
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     # 1. validate everything before any Ray work
     try:
-        cfg = load_config(PipelineConfig, args.config, args.overrides)
+        cfg = config_from_args("pipeline", args)
         # 2-4. run the stages, print the summary, write summary.json and the ledger
         summary = run_pipeline(cfg, run_dir=args.run_dir)
     except ConfigError as err:

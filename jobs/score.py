@@ -10,25 +10,21 @@ Killed mid-run? Run the same command again: finished output shards are kept, not
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
-from frugalray.config import ConfigError, load_config
-from frugalray.data.score import ScoreConfig, run_score
+from frugalray.config import ConfigError
+from frugalray.data.score import run_score
+from frugalray.stages import config_from_args, job_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML file of ScoreConfig fields")
-    parser.add_argument("--run-dir", default="runs/data", help="where the ledger is written")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    args = parser.parse_args(argv)
+    args = job_parser("score", __doc__).parse_args(argv)  # --config, --run-dir, --set: frugalray.stages
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     # 1. Validate the config and the data before any Ray work.
     try:
-        cfg = load_config(ScoreConfig, args.config, args.set)
+        cfg = config_from_args("score", args)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2

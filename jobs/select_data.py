@@ -10,27 +10,23 @@ shadow the standard library's `select` module for every job in this folder.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from pathlib import Path
 
-from frugalray.config import ConfigError, load_config
-from frugalray.data.select import SelectConfig, run_select
+from frugalray.config import ConfigError
+from frugalray.data.select import run_select
+from frugalray.stages import config_from_args, job_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML file of SelectConfig fields")
-    parser.add_argument("--run-dir", default="runs/data", help="where the ledger is written")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    args = parser.parse_args(argv)
+    args = job_parser("select", __doc__).parse_args(argv)  # --config, --run-dir, --set: frugalray.stages
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     # 1. Validate the config, 2. select (the input is checked inside, before anything is written).
     try:
-        cfg = load_config(SelectConfig, args.config, args.set)
+        cfg = config_from_args("select", args)
         result = run_select(cfg, args.run_dir)
     except ConfigError as err:
         print(err, file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Ray Job: deploy the Serve application (Ray Serve LLM + vLLM behind the frugalray ingress).
+r"""Ray Job: deploy the Serve application (Ray Serve LLM + vLLM behind the frugalray ingress).
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/serve.py --config serve/config.yaml
@@ -10,25 +10,21 @@ once the engine answers, printing the OpenAI base URL. `serve run serve/config.y
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
 from frugalray.config import ConfigError
 from frugalray.serve.app import deploy
-from frugalray.serve.config import load_serve_config
+from frugalray.stages import config_from_args, job_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="serve/config.yaml", help="a Serve config file (applications[0].args)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an args key")
-    args = parser.parse_args(argv)
+    args = job_parser("serve", __doc__).parse_args(argv)  # --config, --set: frugalray.stages
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     # 1. Validate the application's args (model, adapters, ceilings) before any Ray work.
     try:
-        cfg = load_serve_config(args.config, args.set)
+        cfg = config_from_args("serve", args)  # applications[0].args
         # 2. Join (or start) the cluster and deploy; returns when the engine is up.
         url = deploy(cfg)
     except ConfigError as err:

@@ -12,29 +12,22 @@ The budget journals every hold in the run directory, so a resumed sweep never ex
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
-from frugalray.cli.sweep import sweep_command
 from frugalray.config import ConfigError
+from frugalray.stages import job_parser, sweep_command
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML file of SweepConfig fields (not with --resume)")
-    parser.add_argument("--run-dir", default="runs/sweep", help="where Tune results, the budget journal and the ledger go")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the sweep in RUN_DIR")
-    parser.add_argument("--flop-caps", default=None, metavar="C1,C2,...",
-                        help="budget ladder: one sweep at the largest cap, the best config reported at each cap")
-    args = parser.parse_args(argv)
+    # --config, --run-dir, --set, --resume and --flop-caps (frugalray.stages)
+    args = job_parser("sweep", __doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     # 1-2. Validate config, data and caps before any Ray work (run_sweep does it first), then
     # join (or start) the cluster and search; or resume the sweep a dead driver left behind.
     try:
-        result = sweep_command(args.config, args.run_dir, args.set, args.resume, args.flop_caps)
+        result = sweep_command(args.config, args.run_dir, args.overrides, args.resume, args.flop_caps)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2

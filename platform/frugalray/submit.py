@@ -23,19 +23,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 from frugalray.config import ConfigError
+from frugalray.stages import STAGES, load_stage_config, submittable
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-# stage -> (job script, config module, config class); the scripts are the documented Ray Job entrypoints.
-JOB_SCRIPTS: dict[str, tuple[str, str, str]] = {
-    "score": ("jobs/score.py", "frugalray.data.score", "ScoreConfig"),
-    "select": ("jobs/select_data.py", "frugalray.data.select", "SelectConfig"),
-    "finetune": ("jobs/finetune.py", "frugalray.train.finetune", "FinetuneConfig"),
-    "sweep": ("jobs/sweep.py", "frugalray.tune.sweep", "SweepConfig"),
-    "pipeline": ("jobs/pipeline.py", "frugalray.pipeline", "PipelineConfig"),
-}
 
 # Never uploaded: environments, caches, VCS data and run outputs (which can be gigabytes).
 UPLOAD_EXCLUDES = [".venv", ".git", "**/__pycache__", ".pytest_cache", ".hypothesis", "runs", "*.egg-info",
@@ -107,26 +99,23 @@ def plan_submission(
     env: dict[str, str] | None = None,
 ) -> SubmitPlan:
     """Validate the stage's config locally and build the entrypoint and runtime_env. Pure, no network."""
-    import importlib
     import shlex
 
-    from frugalray.config import load_config
-
-    if stage not in JOB_SCRIPTS:
-        raise ConfigError([f"STAGE: unknown stage {stage!r}; choose one of {sorted(JOB_SCRIPTS)}"])
-    script, module_name, cls_name = JOB_SCRIPTS[stage]
+    if stage not in submittable():
+        raise ConfigError([f"STAGE: unknown stage {stage!r}; choose one of {sorted(submittable())}"])
+    script = STAGES[stage].script  # the documented Ray Job entrypoint
     working_dir = Path(working_dir).resolve()
     config_path = Path(config).resolve()
     if not config_path.is_file():
-        raise ConfigError([f"--config: {config} does not exist; pass a YAML file such as jobs/configs/{stage}.yaml"])
+        raise ConfigError([(f"--config: {config} does not exist; pass a YAML file such as "
+                            f"{STAGES[stage].example_config}")])
     try:
         relative_config = config_path.relative_to(working_dir)
     except ValueError:
         raise ConfigError([f"--config: {config} is outside the uploaded working dir {working_dir}; "
                            "move it under that directory (e.g. jobs/configs/) so the job can read it"]) from None
     # The same validation the job runs, so a bad field fails here, naming the field.
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    load_config(cls, config_path, overrides or [])
+    load_stage_config(stage, config_path, overrides or [])
 
     server = job_server_address(address)
     args = ["python", script, "--config", str(relative_config)]

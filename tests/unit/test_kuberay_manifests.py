@@ -8,9 +8,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from frugalray.config import load_config, parse_config
+from frugalray.config import parse_config
 from frugalray.serve.config import ServeConfig
-from frugalray.submit import JOB_SCRIPTS
+from frugalray.stages import load_stage_config, stage_for_script
 
 REPO = Path(__file__).resolve().parents[2]
 RAYJOB = REPO / "jobs" / "kuberay" / "rayjob.yaml"
@@ -77,12 +77,9 @@ def test_rayjob_structure_and_entrypoint():
     jsonschema.validate(manifest, RAYJOB_SCHEMA)
     args = shlex.split(manifest["spec"]["entrypoint"])
     assert args[0] == "python" and (REPO / args[1]).is_file()
-    stage = next(s for s, (script, _, _) in JOB_SCRIPTS.items() if script == args[1])
-    _, module_name, cls_name = JOB_SCRIPTS[stage]
-    import importlib
-
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    load_config(cls, REPO / args[args.index("--config") + 1])  # the config the job will read is valid
+    stage = stage_for_script(args[1])
+    assert stage is not None and stage.submit
+    load_stage_config(stage.name, REPO / args[args.index("--config") + 1])  # the config the job will read is valid
     runtime_env = yaml.safe_load(manifest["spec"]["runtimeEnvYAML"])
     assert set(runtime_env) <= {"working_dir", "env_vars", "pip", "py_modules"}
     head = manifest["spec"]["rayClusterSpec"]["headGroupSpec"]

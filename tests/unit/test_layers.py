@@ -18,16 +18,17 @@ PACKAGE = Path(__file__).resolve().parents[2] / "platform" / "frugalray"
 
 # Bottom to top. A unit may import units of its own layer or of lower ones, never higher.
 LAYERS: list[tuple[str, ...]] = [
-    ("config", "paths", "stats", "budget"),  # typed configs, paths, statistics, FLOPs and the ledger
+    ("config", "config_help", "paths", "stats", "budget"),  # typed configs (and their --help), paths, statistics, FLOPs, the ledger
     ("examples",),  # example I/O: loaders, formatting, built-in tasks, the answer rule
     ("models", "ray_utils"),  # finding and loading models; connecting to Ray
     ("train",),  # training sessions, Ray Train fine-tuning, FSDP, memory planning
     ("data",),  # curation: scoring, selection, proxies (uses training)
     ("tune",),  # Ray Tune sweeps under a FLOP cap (uses training)
     ("serve",),  # Ray Serve LLM + vLLM with per-request compute budgets
-    ("report", "submit", "local_cluster", "benchmarking"),  # reading runs, Ray Jobs, local clusters
+    ("report", "local_cluster", "benchmarking"),  # reading runs, loopback clusters, bench results
     ("pipeline",),  # the main job: every stage in order
     ("stages",),  # the one stage registry
+    ("submit",),  # stages as Ray Jobs (Jobs SDK)
     ("cli", "__main__"),  # the command line
 ]
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from frugalray.config import ConfigError, parse_config
-from frugalray.tune.budget import FlopBudget, FlopReservations, read_journal
+from frugalray.tune.budget import FlopReservations, SweepFlopBudget, read_journal
 from frugalray.tune.ladder import ChunkRecord, LadderReport, budget_ladder, ladder_markdown, winner_changes
 
 
@@ -98,19 +98,19 @@ def test_no_rung_uses_more_than_its_cap_and_bigger_caps_never_see_less(costs, ca
 
 def test_journal_rebuild_charges_open_holds_once_and_never_passes_the_cap(tmp_path):
     path = tmp_path / "journal.jsonl"
-    first = FlopBudget(100.0, str(path))
+    first = SweepFlopBudget(100.0, str(path))
     assert first.reserve_steps(10.0, 3, 5.0) == 3  # hold 35
     assert first.settle(35.0, 20.0) == 20.0  # spent 20, 15 back
     assert first.reserve_steps(10.0, 2, 5.0) == 2  # hold 25 open when the driver dies
     # The driver dies here. The resumed actor rebuilds: 20 settled + 25 open charged in full.
-    second = FlopBudget(100.0, str(path))
+    second = SweepFlopBudget(100.0, str(path))
     snap = second.snapshot()
     assert snap["spent"] == pytest.approx(45) and snap["charged_at_restart"] == pytest.approx(25)
     assert snap["remaining"] == pytest.approx(55)
     assert second.reserve_steps(10.0, 10, 5.0) == 5  # 55 fit exactly
     assert second.settle(55.0, 30.0) == pytest.approx(75)
     # A second restart replays the same journal (its restart event included): no double charge.
-    third = FlopBudget(100.0, str(path))
+    third = SweepFlopBudget(100.0, str(path))
     assert third.snapshot()["spent"] == pytest.approx(75)
     assert third.snapshot()["charged_at_restart"] == pytest.approx(25)
     ops = [e["op"] for e in read_journal(path)]
@@ -131,7 +131,7 @@ def test_a_torn_last_journal_line_is_dropped_but_a_broken_middle_is_an_error(tmp
                               st.integers(1, 5), st.floats(0, 1)), max_size=40))
 def test_any_sequence_of_holds_settles_and_restarts_stays_under_the_cap(tmp_path_factory, ops):
     path = tmp_path_factory.mktemp("j") / "journal.jsonl"
-    budget = FlopBudget(500.0, str(path))
+    budget = SweepFlopBudget(500.0, str(path))
     holds: list[float] = []
     for kind, step, n, frac in ops:
         if kind == "steps":
@@ -142,7 +142,7 @@ def test_any_sequence_of_holds_settles_and_restarts_stays_under_the_cap(tmp_path
             hold = holds.pop(0)
             budget.settle(hold, hold * frac)
         elif kind == "restart":
-            budget = FlopBudget(500.0, str(path))  # open holds die with the driver
+            budget = SweepFlopBudget(500.0, str(path))  # open holds die with the driver
             holds.clear()
         snap = budget.snapshot()
         assert snap["spent"] <= snap["reserved"] + 1e-9 and snap["reserved"] <= 500.0 * (1 + 1e-12)
@@ -188,7 +188,7 @@ def test_bad_sweep_input_is_refused_naming_the_field(bad, field):
 
 
 def test_sweep_command_refuses_bad_flag_combinations_before_any_work(tmp_path):
-    from frugalray.cli.sweep import sweep_command
+    from frugalray.stages import sweep_command
 
     with pytest.raises(ConfigError, match="flop_caps"):
         sweep_command("x.yaml", None, flop_caps="1e13,lots")

@@ -8,7 +8,6 @@ run directory's compute ledger.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -16,20 +15,14 @@ import sys
 from pathlib import Path
 
 from frugalray.config import ConfigError
-
-# stage -> (module, config class, run function, what it does)
-STAGES: dict[str, tuple[str, str, str, str]] = {
-    "score": ("frugalray.data.score", "ScoreConfig", "run_score",
-              ("score every example on a Ray Data actor pool (perplexity, IFD, GraNd, dynamics, influence, "
-               "pass rate, heuristics, duplicates); resumes a killed run")),
-    "select": ("frugalray.data.select", "SelectConfig", "run_select",
-               "keep scored examples under a row, token or training-FLOP budget (knapsack; strategy auto runs "
-               "a proxy experiment); write the subset and a report"),
-    "finetune": ("frugalray.train.finetune", "FinetuneConfig", "run_finetune",
-                 "QLoRA/LoRA fine-tune with Ray Train; save the PEFT adapter as a checkpoint"),
-    "sweep": ("frugalray.tune.sweep", "SweepConfig", "run_sweep",
-              "Ray Tune sweep whose trials share one FLOP cap that is never exceeded"),
-}
+from frugalray.stages import (
+    STAGES,
+    StageParser,
+    add_stage_subparser,
+    load_stage_config,
+    run_stage,
+    submittable,
+)
 
 EPILOG = """examples:
   frugalray model prepare                      # convert the embedded default model once
@@ -44,14 +37,6 @@ EPILOG = """examples:
 """
 
 
-def _add_stage_args(p: argparse.ArgumentParser, config_required: bool = True) -> None:
-    p.add_argument("--config", required=config_required, help="YAML config (see jobs/configs/)")
-    p.add_argument("--run-dir", default=None, help="where outputs and ledger.jsonl go (default: runs/<stage>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set max_steps=4 (repeatable)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="frugalray",
@@ -60,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # StageParser: a stage's --help ends with the keys its config accepts
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=StageParser)
 
     model = sub.add_parser("model", help="prepare models (the embedded default is converted once to HF format)")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
@@ -82,25 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--response-style", choices=["number", "worked"], default=None,
                      help="number: the bare answer (default); worked: '23 + 58 = 81', which small models learn from")
 
-    for name, (_, _, _, helptext) in STAGES.items():
-        stage_parser = sub.add_parser(name, help=helptext)
-        _add_stage_args(stage_parser, config_required=name != "sweep")
-        if name == "sweep":
-            stage_parser.add_argument("--resume", default=None, metavar="RUN_DIR",
-                                      help="continue the sweep in RUN_DIR after its driver died (no --config)")
-            stage_parser.add_argument("--flop-caps", default=None, metavar="C1,C2,...",
-                                      help="budget ladder: one sweep at the largest cap, the best config at each")
-        if name == "finetune":
-            stage_parser.add_argument("--resume-from", default=None, metavar="RUN_DIR_OR_CHECKPOINT",
-                                      help="continue a finished or stopped run from its latest checkpoint "
-                                           "(raise max_steps)")
-
-    serve = sub.add_parser("serve", help="serve the model and adapters (Ray Serve LLM + vLLM) until Ctrl-C")
-    serve.add_argument("--config", default="serve/config.yaml", help="Serve config (serve/config.yaml)")
-    serve.add_argument("--address", default=None)
-
-    pipe = sub.add_parser("pipeline", help="generate -> score -> select -> sweep -> finetune (sweep winner) -> serve-and-query")
-    _add_stage_args(pipe)
+    for name in STAGES:  # score, select, finetune, sweep, serve, pipeline: flags from frugalray.stages
+        add_stage_subparser(sub, name)
 
     from frugalray.cli.plan_memory import add_plan_memory_parser
 
@@ -115,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "repository as the runtime_env working_dir, stream its logs, and exit with the job's status "
                     "(0 = SUCCEEDED). Relative --run-dir is made absolute for a loopback cluster; on a remote "
                     "cluster point it at shared storage.")
-    submit.add_argument("stage", choices=["score", "select", "finetune", "sweep", "pipeline"])
+    submit.add_argument("stage", choices=submittable())
     submit.add_argument("--config", required=True, help="the stage's YAML (inside this repository)")
     submit.add_argument("--run-dir", default=None, help="the job's output directory")
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -139,12 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="a run directory holding ledger.jsonl (e.g. runs/pipeline)")
     report.add_argument("--no-plots", action="store_true", help="Markdown tables only")
     return parser
-
-
-def _load_stage(name: str):
-    module_name, cfg_name, fn_name, _ = STAGES[name]
-    module = importlib.import_module(module_name)
-    return getattr(module, cfg_name), getattr(module, fn_name)
 
 
 def _print_result(result) -> None:
@@ -181,29 +144,11 @@ def cmd_data_generate(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from frugalray.budget.ledger import ComputeLedger
-    from frugalray.config import load_config
-
-    if args.command == "sweep":
-        from frugalray.cli.sweep import sweep_command
-
-        if args.address:
-            os.environ["RAY_ADDRESS"] = args.address
-        result = sweep_command(args.config, args.run_dir, args.overrides, args.resume, args.flop_caps)
-        _print_result(result)
-        return 0
-    cfg_cls, run = _load_stage(args.command)
-    overrides = list(args.overrides)
-    if getattr(args, "resume_from", None):  # finetune --resume-from
-        overrides.append(f"resume_from={args.resume_from}")
-    cfg = load_config(cfg_cls, args.config, overrides)
-    run_dir = Path(args.run_dir or f"runs/{args.command}")
+    """`frugalray <stage>`: validate the config, run the stage, print its result as JSON."""
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
-    # Each stage validates its inputs (files, fields, model, budget) and only then calls
-    # init_ray(), so bad input is rejected before any Ray work starts.
-    result = run(cfg, run_dir, ComputeLedger(run_dir))
-    _print_result(result)
+    run_dir = Path(args.run_dir or f"runs/{args.command}")
+    _print_result(run_stage(args.command, args, run_dir))
     return 0
 
 
@@ -212,9 +157,8 @@ def cmd_serve(args) -> int:
     import time
 
     from frugalray.serve.app import deploy
-    from frugalray.serve.config import load_serve_config
 
-    cfg = load_serve_config(args.config)
+    cfg = load_stage_config("serve", args.config, args.overrides)
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
     url = deploy(cfg)  # validates the adapters and model, then joins or starts Ray
@@ -227,10 +171,9 @@ def cmd_serve(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from frugalray.config import load_config
-    from frugalray.pipeline import PipelineConfig, run_pipeline, summary_exit_code
+    from frugalray.pipeline import run_pipeline, summary_exit_code
 
-    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    cfg = load_stage_config("pipeline", args.config, args.overrides)
     return summary_exit_code(run_pipeline(cfg, run_dir=args.run_dir, address=args.address))
 
 
@@ -313,14 +256,15 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_model_prepare(args)
         if args.command == "data":
             return cmd_data_generate(args)
-        if args.command in STAGES:
-            return cmd_stage(args)
         if args.command == "plan-memory":
             from frugalray.cli.plan_memory import cmd_plan_memory
 
             return cmd_plan_memory(args)
+        # A stage without a handler of its own runs through the registry (cmd_stage).
         handler = {"serve": cmd_serve, "pipeline": cmd_pipeline, "ledger": cmd_ledger,
-                   "report": cmd_report, "submit": cmd_submit, "jobs": cmd_jobs}[args.command]
+                   "report": cmd_report, "submit": cmd_submit, "jobs": cmd_jobs}.get(args.command)
+        if handler is None and args.command in STAGES:
+            handler = cmd_stage
         return handler(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

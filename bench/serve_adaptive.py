@@ -12,7 +12,7 @@ temperature is its own table group with its own SC@k baseline.
 
 1. POOL: one plain request with n=16, no seed, at the temperature, logprobs on. The server answers
    self_consistency with max_samples=k by exactly this (one n=k request, majority vote with
-   `frugalray.serve.budget.majority_vote`), so fixed self-consistency SC@1/4/8/16 is the vote
+   `frugalray.serve.stopping.majority_vote`), so fixed self-consistency SC@1/4/8/16 is the vote
    over the first k pooled samples, and its FLOPs are `request_flops` of those samples with one
    shared prefill, the server's own formula. (Drawing SC@k separately per k would cost 29
    samples per prompt for the same estimator.)
@@ -52,8 +52,10 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from frugalray.serve.budget import extract_answer, majority_vote, request_flops, samples_from_choices
-from frugalray.serve.stopping import Limits, RoundPlan, Sample, make_policy, run_policy
+from frugalray.examples.answers import extract_answer
+from frugalray.serve.samples import samples_from_choices
+from frugalray.serve.stopping import Limits, RoundPlan, Sample, majority_vote, make_policy, run_policy
+from frugalray.serve.usage import request_flops
 
 log = logging.getLogger("bench.serve_adaptive")
 

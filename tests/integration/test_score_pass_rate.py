@@ -12,7 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from frugalray.examples.generate import GenerateConfig, generate_tasks, is_correct, write_rows
+from frugalray.examples.answers import is_correct
+from frugalray.examples.generate import GenerateConfig, generate_tasks, write_rows
 from frugalray.data.score import ScoreConfig, run_score
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from frugalray.examples.answers import extract_answer
 from frugalray.serve.app import ADAPTER_PROBE, inert_adapters
-from frugalray.serve.budget import extract_answer, request_flops
+from frugalray.serve.usage import request_flops
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 QUESTION = "What is 3 + 4? Reply with only the number."

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from frugalray.serve.budget import request_flops, scored_tokens_logprob, scoring_flops
+from frugalray.serve.samples import scored_tokens_logprob
+from frugalray.serve.usage import request_flops, scoring_flops
 
 LONG_PROMPT = "Write a long story about a dragon who learns to bake bread."
 

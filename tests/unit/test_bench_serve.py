@@ -19,8 +19,8 @@ import serve_adaptive as sa
 import serve_overhead as so
 
 from frugalray.budget.flops import ModelShape
-from frugalray.serve.budget import request_flops
 from frugalray.serve.stopping import Sample
+from frugalray.serve.usage import request_flops
 
 SHAPE = ModelShape(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, vocab_size=100,
                    gated_mlp=True)

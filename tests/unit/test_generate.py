@@ -1,4 +1,4 @@
-"""Built-in verifiable tasks: determinism, exact noise counts and labels, answer extraction."""
+"""Built-in verifiable tasks: determinism, exact noise counts and labels, answers the one rule can check."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 from frugalray.config import ConfigError, parse_config
+from frugalray.examples.answers import extract_answer, is_correct
 from frugalray.examples.generate import (
     ALL_NOISE_KINDS,
     GenerateConfig,
-    extract_answer,
     generate_tasks,
-    is_correct,
     make_eval_set,
     write_rows,
 )
@@ -108,22 +107,6 @@ def test_eval_set_is_clean_distinct_and_disjoint_from_training():
     assert len({r["instruction"] for r in eval_rows}) == 40
     assert not {r["instruction"] for r in eval_rows} & {r["instruction"] for r in train}
     assert make_eval_set(5, seed=1) == make_eval_set(5, seed=1)
-
-
-@pytest.mark.parametrize(
-    "text,expected",
-    [("81", "81"), ("The answer is 81.", "81"), ("1,234", "1234"), ("-7 apples", "-7"), ("007", "7"),
-     ("", None), (None, None), ("no digits here", None), ("81 or 82", "81"),
-     # replies that restate the question: the answer after the last '=' / 'is', never an operand
-     ("2 + 9 = 11", "11"), ("9 - 9 is 0.", "0"), ("2 + 9 = ", None), ("7 - 6 is 3.\nSo 1", "3")],
-)
-def test_extract_answer(text, expected):
-    assert extract_answer(text, "arithmetic") == expected
-
-
-def test_is_correct():
-    row = {"family": "arithmetic", "answer": "81"}
-    assert is_correct("It is 81.", row) and not is_correct("80", row) and not is_correct("", row)
 
 
 def test_write_rows_jsonl_and_parquet(tmp_path):

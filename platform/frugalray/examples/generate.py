@@ -1,8 +1,8 @@
 """Built-in verifiable tasks of graded difficulty, with optional injected noise.
 
 The embedded default data set, so that every stage runs anywhere without a download.
-Each row is a short question with one correct answer that `extract_answer` can check,
-so a model's accuracy is measurable by exact match.
+Each row is a short question with one correct answer that the one answer rule
+(`frugalray.examples.answers.is_correct`) checks, so a model's accuracy is measurable by exact match.
 
 Families:
 - `arithmetic`: "What is 23 + 58? Reply with only the number." Difficulty = operand digits.
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import string
 from collections.abc import Iterable
 from pathlib import Path
@@ -243,37 +242,6 @@ def make_eval_set(
         excluded.add(row["instruction"])
         rows.append(row)
     return rows
-
-
-_INTEGER = re.compile(r"-?\d[\d,]*")
-
-
-_STATED = re.compile(r"(?:=|\bis\b)")
-
-
-def extract_answer(text: str | None, family: str = "arithmetic") -> str | None:
-    """The stated answer in `text` as a normalized integer string, or None.
-
-    Lenient on purpose: "81", "The answer is 81." and "2 + 79 = 81" all give "81". A reply that
-    restates the question ("2 + 79 = 81") is read after its last '=' or 'is' on the first
-    non-empty line; a cut-off "2 + 79 = " gives None rather than the first operand. Without
-    either marker, the first integer. Both families answer with a number, so they share the rule.
-    """
-    if not text:
-        return None
-    line = next((ln for ln in text.splitlines() if ln.strip()), "")
-    markers = list(_STATED.finditer(line))
-    if markers:
-        match = _INTEGER.search(line, markers[-1].end())
-    else:
-        match = _INTEGER.search(text)
-    if match is None:
-        return None
-    return str(int(match.group(0).replace(",", "")))
-
-
-def is_correct(text: str | None, row: dict[str, Any]) -> bool:
-    return extract_answer(text, row.get("family", "arithmetic")) == str(row["answer"])
 
 
 def told_to_reply_briefly(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

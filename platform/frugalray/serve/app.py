@@ -13,21 +13,13 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
+from frugalray.models import engine_dtype_default
+from frugalray.ray_utils import init_ray, worker_env
 from frugalray.serve.config import ResolvedServe, ServeConfig, api_key_digest, preflight, resolve_api_key
 
 log = logging.getLogger(__name__)
-
-
-class ServeResult(BaseModel):
-    base_url: str
-    app_name: str
-    models: list[str]
-    startup_s: float
 
 
 def base_url_for(cfg: ServeConfig) -> str:
@@ -38,9 +30,6 @@ def base_url_for(cfg: ServeConfig) -> str:
 
 def llm_config_for(cfg: ServeConfig, resolved: ResolvedServe):
     from ray.serve.llm import LLMConfig
-
-    from frugalray.models import engine_dtype_default
-    from frugalray.ray_utils import worker_env
 
     engine_kwargs: dict[str, Any] = {
         # CUDA-graph capture does not exist on CPU; eager mode is what vLLM-CPU runs.
@@ -76,8 +65,7 @@ def build_app(cfg: ServeConfig, resolved: ResolvedServe | None = None):
     from ray import serve
     from ray.serve.llm import build_llm_deployment
 
-    from frugalray.ray_utils import worker_env
-    from frugalray.serve.ingress import FrugalIngress
+    from frugalray.serve.ingress import FrugalIngress  # FastAPI and Ray at its top
 
     resolved = resolved or preflight(cfg)
     server = build_llm_deployment(llm_config_for(cfg, resolved), name_prefix=f"{cfg.app_name}-")
@@ -125,8 +113,6 @@ def deploy(cfg: ServeConfig, blocking: bool = False) -> str:
     proxy keeps that port.
     """
     from ray import serve
-
-    from frugalray.ray_utils import init_ray
 
     resolved = preflight(cfg)  # config problems surface before any Ray work
     init_ray()
@@ -184,19 +170,3 @@ def shutdown_app(app_name: str) -> None:
     from ray import serve
 
     serve.delete(app_name, _blocking=True)
-
-
-def run_serve(cfg: ServeConfig, run_dir: str | Path | None = None, ledger=None) -> ServeResult:
-    """Pipeline entry: deploy and record the stage (startup costs no model FLOPs)."""
-    start = time.time()
-    url = deploy(cfg)
-    result = ServeResult(base_url=url, app_name=cfg.app_name,
-                         models=[cfg.model_name, *cfg.adapters], startup_s=round(time.time() - start, 1))
-    if ledger is None and run_dir is not None:
-        from frugalray.budget.ledger import ComputeLedger
-
-        ledger = ComputeLedger(run_dir)
-    if ledger is not None:
-        ledger.record("serve", flops=0.0, tokens=0, wall_s=result.startup_s,
-                      produced={"base_url": url, "models": result.models})
-    return result

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from frugalray.serve.budget import AnswerKind, extract_answer
+from frugalray.examples.answers import AnswerKind, extract_answer
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from frugalray.config import ConfigError, StrictModel
-from frugalray.models import DEFAULT_MODEL
+from frugalray.config import ConfigError, StrictModel, apply_overrides, parse_config, read_yaml
+from frugalray.models import DEFAULT_MODEL, model_shape, resolve_model
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 
@@ -210,8 +210,6 @@ def api_key_digest(key: str) -> str:
 
 def preflight(cfg: ServeConfig) -> ResolvedServe:
     """Resolve the model and check every adapter; raise one ConfigError listing all problems."""
-    from frugalray.models import model_shape, resolve_model
-
     problems: list[str] = []
     try:
         resolve_api_key(cfg)
@@ -245,8 +243,6 @@ def preflight(cfg: ServeConfig) -> ResolvedServe:
 
 def load_serve_config(path: str, overrides: list[str] | None = None) -> ServeConfig:
     """The `args:` of the first application in a Serve config file (serve/config.yaml) as a ServeConfig."""
-    from frugalray.config import apply_overrides, parse_config, read_yaml
-
     apps = read_yaml(path).get("applications") or [{}]
     data = apply_overrides(dict(apps[0].get("args") or {}), overrides)
     return parse_config(ServeConfig, data, f"{path} applications[0].args")

@@ -3,7 +3,7 @@
 It follows the pattern of Ray Serve LLM's own `OpenAiIngress` (calling the `LLMServer`
 deployment handle with `.options(stream=True).chat.remote(request)`) and adds:
 
-- per-request compute budgets (`compute_budget`, see frugalray.serve.budget): several
+- per-request compute budgets (`compute_budget`, see frugalray.serve.protocol): several
   samples and a majority vote, with `usage` extended by samples, summed tokens and FLOPs;
 - adaptive strategies (adaptive_consistency, best_of_n, cascade, auto): a pure stopping
   policy (frugalray.serve.stopping) plans each round within the budget; every round is a
@@ -43,22 +43,14 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.responses import JSONResponse, StreamingResponse
 
-from frugalray.serve.budget import (
-    ADAPTIVE_STRATEGIES,
-    ComputeBudget,
-    RequestError,
-    attempts_usage,
-    budget_usage,
-    extract_answer,
-    majority_vote,
-    parse_request,
-    request_flops,
-    samples_from_choices,
-    scored_tokens_logprob,
-    scoring_flops,
-    validation_to_request_error,
-)
+from frugalray.examples.answers import extract_answer
+from frugalray.models import load_tokenizer
 from frugalray.serve.gate import ExclusiveGate
+from frugalray.serve.protocol import ADAPTIVE_STRATEGIES, ComputeBudget
+from frugalray.serve.samples import choice_text, samples_from_choices, scored_tokens_logprob
+from frugalray.serve.stopping import Limits, majority_vote, make_policy, plan_round
+from frugalray.serve.usage import attempts_usage, budget_usage, request_flops, scoring_flops
+from frugalray.serve.validation import RequestError, parse_request, validation_to_request_error
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +63,6 @@ def _wants_prompt_logprobs(kind: str, body: dict[str, Any]) -> bool:
         return True
     logprobs = body.get("logprobs")
     return kind == "completions" and bool(body.get("echo")) and logprobs is not None and logprobs is not False
-
-
-def _choice_text(choice: dict[str, Any]) -> str | None:
-    if "message" in choice:
-        return (choice.get("message") or {}).get("content")
-    return choice.get("text")
 
 
 @serve.ingress(api)
@@ -94,7 +80,7 @@ class FrugalIngress:
         self._gate = ExclusiveGate()
         self._tokenizer = None  # loaded on the first request with a FLOP budget
 
-    # --- routes -------------------------------------------------------------------------
+    # -- routes ------------------------------------------------------------------------------------
 
     @api.get("/health")
     async def health(self):
@@ -127,7 +113,7 @@ class FrugalIngress:
     async def completions(self, request: Request):
         return await self._handle(request, "completions")
 
-    # --- request handling ---------------------------------------------------------------
+    # -- request handling --------------------------------------------------------------------------
 
     def _authorize(self, request: Request) -> None:
         # The replica holds only the key's SHA-256 (frugalray.serve.config.api_key_digest).
@@ -364,7 +350,7 @@ class FrugalIngress:
             one.pop("seed", None)  # greedy needs no seed, and an unseeded request is the safe one
             result = await self._call(kind, one)
             usage = result["usage"]
-            answer = extract_answer(_choice_text(result["choices"][0]), budget.answer_extractor, budget.answer_regex)
+            answer = extract_answer(choice_text(result["choices"][0]), budget.answer_extractor, budget.answer_regex)
             result["usage"] = budget_usage(
                 self._s.get("shape"), usage["prompt_tokens"], [usage["completion_tokens"]], "greedy",
                 1.0 if answer is not None else 0.0, self._lora_params(model),
@@ -390,7 +376,7 @@ class FrugalIngress:
             prompt_tokens = result["usage"]["prompt_tokens"]
             completions = [r["usage"]["completion_tokens"] for r in responses]
             passes = k
-        answers = [extract_answer(_choice_text(c), budget.answer_extractor, budget.answer_regex) for c in choices]
+        answers = [extract_answer(choice_text(c), budget.answer_extractor, budget.answer_regex) for c in choices]
         winner, share, counts = majority_vote(answers)
         pick = answers.index(winner) if winner is not None else 0
         result["choices"] = [dict(choices[pick], index=0)]
@@ -405,8 +391,6 @@ class FrugalIngress:
     async def _fit_fixed_round(self, kind: str, payload: dict[str, Any], budget: ComputeBudget, wanted: int,
                                seeded: bool) -> tuple[int, int]:
         """(samples, max_tokens per sample) of greedy/self_consistency's single round within the budget."""
-        from frugalray.serve.stopping import Limits, plan_round
-
         per_sample = payload.get("max_completion_tokens") or payload["max_tokens"]
         if budget.max_completion_tokens is None and budget.max_flops is None:
             return wanted, per_sample
@@ -428,7 +412,7 @@ class FrugalIngress:
                                "raise it", param=f"compute_budget.{plan}")
         return plan.n, plan.max_tokens
 
-    # --- adaptive strategies -------------------------------------------------------------
+    # -- adaptive strategies -----------------------------------------------------------------------
 
     async def _count_prompt_tokens(self, kind: str, payload: dict[str, Any]) -> int:
         """Prompt tokens under the served model's tokenizer and chat template, before generating.
@@ -464,8 +448,6 @@ class FrugalIngress:
 
     async def _load_tokenizer(self):
         if self._tokenizer is None:
-            from frugalray.models import load_tokenizer
-
             self._tokenizer = await asyncio.to_thread(load_tokenizer, self._s["model_path"])
         return self._tokenizer
 
@@ -478,7 +460,7 @@ class FrugalIngress:
         so the FLOPs stay within what the budget planned. Returns (scores, scored tokens per sample).
         """
         tokenizer = await self._load_tokenizer()
-        texts = [_choice_text(c) or "" for c in choices]
+        texts = [choice_text(c) or "" for c in choices]
         answer_ids = await asyncio.to_thread(
             lambda: [tokenizer(t, add_special_tokens=False).input_ids for t in texts])
         answer_ids = [ids[:max(n, 0)] for ids, n in zip(answer_ids, completion_tokens)]
@@ -499,8 +481,6 @@ class FrugalIngress:
     async def _adaptive(self, kind: str, payload: dict[str, Any], budget: ComputeBudget,
                         seed: int | None) -> dict[str, Any]:
         """Sample in rounds planned by a stopping policy; return the sample it picks."""
-        from frugalray.serve.stopping import Limits, make_policy
-
         s = self._s
         model = payload["model"]
         shape = s.get("shape")

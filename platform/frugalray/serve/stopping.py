@@ -91,7 +91,7 @@ class Outcome:
     answer_counts: dict[str, int] = field(default_factory=dict)
 
 
-# --- budget planning -----------------------------------------------------------------------
+# -- budget planning -------------------------------------------------------------------------------
 
 
 def plan_round(wanted: int, completions: list[int], rounds: int, limits: Limits,
@@ -136,7 +136,7 @@ def plan_round(wanted: int, completions: list[int], rounds: int, limits: Limits,
     return RoundPlan(1, lo, greedy)
 
 
-# --- posterior confidence of the leading answer --------------------------------------------
+# -- votes and the posterior confidence of the leading answer --------------------------------------
 
 
 def ordered_counts(answers: list[str | None]) -> list[tuple[str, int]]:
@@ -147,6 +147,20 @@ def ordered_counts(answers: list[str | None]) -> list[tuple[str, int]]:
         if a is not None and a not in first:
             first[a] = i
     return sorted(counts.items(), key=lambda kv: (-kv[1], first[kv[0]]))
+
+
+def majority_vote(answers: list[str | None]) -> tuple[str | None, float, dict[str, int]]:
+    """(majority answer, its share of ALL samples, counts per answer): the fixed self_consistency vote.
+
+    Samples without an answer count in the denominator but never win. Ties go to the
+    answer that appeared first, so the result is deterministic for a given sample order.
+    """
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None, 0.0, {}
+    first_seen = {a: i for i, a in reversed(list(enumerate(answers))) if a is not None}
+    winner = max(counts, key=lambda a: (counts[a], -first_seen[a]))
+    return winner, counts[winner] / len(answers), dict(counts)
 
 
 def beta_leader_probability(leader: int, runner_up: int) -> float:
@@ -202,7 +216,7 @@ def token_confidence(sample: Sample) -> float:
     return math.exp(min(sample.mean_logprob, 0.0))
 
 
-# --- policies ------------------------------------------------------------------------------
+# -- policies --------------------------------------------------------------------------------------
 
 
 class Policy:

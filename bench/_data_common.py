@@ -26,7 +26,7 @@ def score_in_process(input_path: Path, output_dir: Path, scorers: tuple[str, ...
     from tqdm import tqdm
 
     from frugalray.examples.loaders import FieldMapping, load_records
-    from frugalray.data.score import RowScorer
+    from frugalray.data.scoring_actor import RowScorer
     from frugalray.data.signals import duplicate_clusters, example_text
     from frugalray.models import DEFAULT_MODEL, resolve_model
 

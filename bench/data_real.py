@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     from frugalray.benchmarking import print_table, write_result
     from frugalray.examples.generate import write_rows
     from frugalray.examples.loaders import FieldMapping
-    from frugalray.data.score import SCORER_COLUMNS, ScoreConfig, run_score
+    from frugalray.data.score import ScoreConfig, run_score
+    from frugalray.data.score_columns import SCORER_COLUMNS
     from frugalray.ray_utils import init_ray
 
     if not ALPACA.is_file():
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ScoreConfig(
             input_path=str(data), output_path=str(work / f"scored_{name}"), fields=FieldMapping.alpaca(),
             scorers=[name], batch_size=8, max_length=args.max_length, num_actors=1,
-            dynamics={"checkpoints": [1, 2, 4], "batch_size": 4, "lora_rank": 4},
+            dynamics={"checkpoints": [1, 2, 4], "proxy": {"batch_size": 4, "lora_rank": 4}},
             influence={"target_path": str(target), "dim": 512, "lora_rank": 4},
         )
         started = time.time()

@@ -12,9 +12,9 @@ import torch
 from frugalray.config import ConfigError, parse_config
 from frugalray.data.dynamics import DynamicsSettings, summarize_dynamics, token_error_stats
 from frugalray.data.influence import cosine_to, project, projection_matrix, target_direction
-from frugalray.data.score import (
+from frugalray.data.score import ScoreConfig
+from frugalray.data.score_shards import (
     MANIFEST_NAME,
-    ScoreConfig,
     plan_shards,
     prepare_output,
     score_fingerprint,
@@ -181,7 +181,7 @@ def test_pass_rate_and_difficulty_buckets():
 
 
 def test_batches_sort_by_token_count_not_characters():
-    from frugalray.data.score import _length_key
+    from frugalray.data.score_shards import _length_key
 
     rows = [
         {"id": "b", "prompt": "a", "response": "bcd"},  # 4 characters; "a\n" + "bcd$" = 6 tokens
@@ -201,7 +201,7 @@ def test_chunked_token_nll_matches_one_full_cross_entropy():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from frugalray.examples.formatting import IGNORE_INDEX, pad_batch
-    from frugalray.data.score import NLL_CHUNK_POSITIONS, RowScorer
+    from frugalray.data.scoring_actor import NLL_CHUNK_POSITIONS, RowScorer
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -14,8 +14,11 @@ import pytest
 from frugalray.config import ConfigError, parse_config
 from frugalray.examples.generate import GenerateConfig, generate_tasks
 from frugalray.examples.loaders import FieldMapping, load_records
-from frugalray.data.score import SCORER_COLUMNS, ScoreConfig, _scorer_settings, output_schema, scorer_flops
-from frugalray.data.select import SelectConfig, filter_reasons, run_select, select_rows
+from frugalray.data.score import ScoreConfig, _scorer_settings, output_schema
+from frugalray.data.score_columns import SCORER_COLUMNS
+from frugalray.data.score_flops import scorer_flops
+from frugalray.data.ranking import filter_reasons, select_rows
+from frugalray.data.select import SelectConfig, run_select
 from frugalray.data.signals import answer_correct
 
 
@@ -142,7 +145,7 @@ def test_run_select_refuses_drop_wrong_answer_without_the_verifier_column(tmp_pa
 
 
 def test_row_scorer_writes_answer_correct_from_the_mapped_column(default_model_path):
-    from frugalray.data.score import RowScorer
+    from frugalray.data.scoring_actor import RowScorer
 
     # Verifier alone: the actor loads the tokenizer (token counts) but no model.
     scorer = RowScorer(default_model_path, max_length=64, scorers=("verifier",), answer_column="gold")

@@ -15,7 +15,7 @@ question with the test set). The auto arm is the target's arm from the 3-seed ru
 frugalray itself decides for this budget, declared before any run of it (the single-seed runs
 before judged "lowest perplexity", the arm "frugalray lowest").
 
-Training: the project's own loop (`frugalray.train.loop.LoraTrainingSession`, LoRA, fp32
+Training: the project's own loop (`frugalray.train.loop.TrainingSession`, LoRA, fp32
 compute, same batch and learning-rate recipe for every arm: 10% warmup, then linear decay to
 zero at the end of the arm's one epoch) over each arm's data, so (a) spends about twice the
 training FLOPs of (b) and (c). With a constant LR, accuracy at the last checkpoint swung by 5-10
@@ -24,7 +24,7 @@ decays and each arm is trained with several seeds (data order and LoRA init; pai
 the same for every arm) and judged by its mean. Every arm is evaluated at
 a few checkpoints (and at step 0, shared) on the same clean held-out questions of each
 difficulty (`generate.make_eval_set`, unseen instructions), by greedy generation with
-transformers and exact match (`generate.is_correct`). FLOPs come from the training loop
+transformers and exact match (`answers.is_correct`). FLOPs come from the training loop
 (`budget.flops`). The plot is accuracy vs training FLOPs (bench/results/data_downstream.png).
 
 Targets (means over seeds): (c) at half the FLOPs >= (a) at all of them, and (c) > (b) at equal
@@ -45,7 +45,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from frugalray.benchmarking import RESULTS_DIR, print_table, write_result
-from frugalray.examples.generate import GenerateConfig, generate_tasks, is_correct, make_eval_set, write_rows
+from frugalray.examples.answers import is_correct
+from frugalray.examples.generate import GenerateConfig, generate_tasks, make_eval_set, write_rows
+from frugalray.train.spec import TrainingSpec
 
 # Worked responses ("23 + 58 = 81"): trained on bare numbers, the 135M model lost accuracy in
 # every arm (the format, not the data, decided the result); see frugalray.examples.generate.
@@ -81,18 +83,18 @@ def accuracy(session, eval_rows: list[dict], max_new_tokens: int = 16, show: int
     return {level: sum(v) / len(v) for level, v in sorted(by_level.items())}
 
 
-def train_arm(name: str, model_path: str, rows: list[dict], eval_rows: list[dict], cfg: dict, checkpoints: int,
-              seed: int) -> list[dict]:
+def train_arm(name: str, model_path: str, rows: list[dict], eval_rows: list[dict], spec: TrainingSpec,
+              checkpoints: int, seed: int) -> list[dict]:
     """One epoch over `rows` with `seed`; accuracy at `checkpoints` evenly spaced steps. Returns the curve.
 
     The LR schedule spans exactly this arm's epoch (10% warmup, linear decay to zero), so
     every arm ends at a settled point whatever its length."""
-    from frugalray.train.loop import LoraTrainingSession
+    from frugalray.train.loop import TrainingSession
 
-    steps = max(1, round(len(rows) / cfg["batch_size"]))
-    arm_cfg = {**cfg, "seed": seed, "max_steps": steps, "lr_scheduler": "linear", "warmup_steps": max(1, steps // 10)}
-    session = LoraTrainingSession(arm_cfg, model_path, [{"prompt": r["prompt"], "response": r["response"]} for r in rows], [])
-    steps = max(1, round(len(session.train_examples) / cfg["batch_size"]))  # rows that kept a loss token
+    steps = max(1, round(len(rows) / spec.batch_size))
+    arm_spec = spec.with_values(seed=seed, max_steps=steps, lr_scheduler="linear", warmup_steps=max(1, steps // 10))
+    session = TrainingSession(arm_spec, model_path, [{"prompt": r["prompt"], "response": r["response"]} for r in rows], [])
+    steps = max(1, round(len(session.train_examples) / spec.batch_size))  # rows that kept a loss token
     marks = sorted({max(1, round(steps * k / checkpoints)) for k in range(1, checkpoints + 1)})
     curve, flops, started = [], 0.0, time.time()
     for step in range(1, steps + 1):
@@ -147,7 +149,7 @@ def run(quick: bool, seeds: int) -> dict:
     from frugalray.config import parse_config
     from frugalray.data.select import SelectConfig, run_select
     from frugalray.models import DEFAULT_MODEL, resolve_model
-    from frugalray.train.loop import LoraTrainingSession
+    from frugalray.train.loop import TrainingSession
 
     # 100 held-out questions per difficulty: with 40, one question moved an arm by 1.25 points.
     n_rows, batch, per_level, checkpoints = (64, 4, 8, 2) if quick else (400, 8, 100, 2)
@@ -187,8 +189,8 @@ def run(quick: bool, seeds: int) -> dict:
         "frugalray stratified": {"strategy": "stratified", "score": "perplexity", **filters},
         "frugalray auto": {"strategy": "auto", "score": "perplexity", **filters,
                            "auto": {"metric": "loss", "eval_path": str(work / "validation.jsonl"),
-                                    "eval_rows": len(validation), "proxy_steps": 4 if quick else 12,
-                                    "batch_size": batch, "seq_len": 64}},
+                                    "eval_rows": len(validation),
+                                    "proxy": {"max_steps": 4 if quick else 12, "batch_size": batch, "seq_len": 64}}},
     }
     fraction = min(1.0, round(0.5 * n_rows) / scored["rows_scored"])
     data, selections = {"all noisy": None}, {}
@@ -203,12 +205,10 @@ def run(quick: bool, seeds: int) -> dict:
     from frugalray.examples.loaders import FieldMapping, load_records
 
     data["all noisy"] = load_records(work / "tasks.jsonl", FieldMapping()).rows  # what the loader accepts
-    from frugalray.data.auto_select import session_config
-
-    cfg = session_config(seed=0, method="lora", batch_size=batch, seq_len=64, lora_rank=8, lora_alpha=16.0,
-                         target_modules="all-linear", learning_rate=1e-3, compute_dtype="float32", eval_rows=0,
-                         max_steps=max(1, round(n_rows / batch)))
-    base_session = LoraTrainingSession(cfg, model_path, [{"prompt": "x", "response": "1"}], [])
+    spec = TrainingSpec(seed=0, method="lora", batch_size=batch, seq_len=64, lora_rank=8, lora_alpha=16.0,
+                        target_modules="all-linear", learning_rate=1e-3, compute_dtype="float32",
+                        max_steps=max(1, round(n_rows / batch)))
+    base_session = TrainingSession(spec, model_path, [{"prompt": "x", "response": "1"}], [])
     base_acc = accuracy(base_session, eval_rows, show=4)
     base = {"accuracy": sum(base_acc.values()) / len(base_acc), **{f"acc_d{k}": v for k, v in base_acc.items()}}
     del base_session
@@ -225,7 +225,7 @@ def run(quick: bool, seeds: int) -> dict:
             print(f"  {name}: the same rows as {trained[key]}; its runs are reused", flush=True)
             continue
         trained[key] = name
-        runs[name] = [train_arm(name, model_path, rows, eval_rows, cfg, checkpoints, seed) for seed in range(seeds)]
+        runs[name] = [train_arm(name, model_path, rows, eval_rows, spec, checkpoints, seed) for seed in range(seeds)]
     curves = {name: mean_curve(r) for name, r in runs.items()}
 
     def final(name):
@@ -265,7 +265,7 @@ def run(quick: bool, seeds: int) -> dict:
               "rows_per_arm": {k: len(v) for k, v in data.items()},
               "eval_per_difficulty": {level: sum(r["difficulty"] == level for r in eval_rows) for level in (1, 2)},
               "validation_rows_for_auto": len(validation),
-              "finetune": {**cfg, "lr_scheduler": "linear", "warmup_steps": "10% of the arm's steps",
+              "finetune": {**spec.model_dump(mode="json"), "lr_scheduler": "linear", "warmup_steps": "10% of the arm's steps",
                            "max_steps": "one epoch of the arm"},
               "epochs": 1, "checkpoints": checkpoints, "curves": curves, "runs": runs, "plot": str(png),
               "wall_s": round(wall, 1),

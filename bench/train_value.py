@@ -15,7 +15,7 @@ training (the order that used to cut QLoRA's gradients on AVX512-BF16 CPUs). Pai
 k gives both methods the same data order and LoRA initialisation.
 
 Accuracy is measured as the main job serves the adapter: loaded onto the full-precision base
-(transformers, fp32, greedy, 16 new tokens, exact match with `generate.is_correct`) on the same
+(transformers, fp32, greedy, 16 new tokens, exact match with `answers.is_correct`) on the same
 200 questions for the base and every adapter, so differences are paired per question. FLOPs are
 the training loop's (`budget.flops`, 6ND-style per real token). The plot is held-out accuracy
 against training FLOPs (bench/results/train_value.png).
@@ -40,6 +40,7 @@ from frugalray.benchmarking import RESULTS_DIR, print_table, write_result
 from frugalray.examples.generate import GenerateConfig, generate_tasks, make_eval_set
 from frugalray.stats import paired_difference
 from frugalray.train.accuracy import AdapterAccuracy, greedy_correct
+from frugalray.train.spec import TrainingSpec
 
 FAMILIES, OPERATIONS, STYLE = ["arithmetic", "compare"], ["+", "-"], "worked"
 RECIPE = {"lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": "all-linear",
@@ -53,9 +54,9 @@ def train_and_score(method: str, dtype: str, seed: int, steps: int, model_path: 
                     validation: list[dict], scorer: AdapterAccuracy, checkpoints: list[int]) -> dict:
     from frugalray.train.loop import TrainingSession
 
-    cfg = {**RECIPE, "method": method, "compute_dtype": dtype, "seed": seed, "max_steps": steps,
-           "warmup_steps": max(1, steps // 10), "eval_rows": len(validation)}
-    session = TrainingSession(cfg, model_path, train, validation)
+    spec = TrainingSpec(**RECIPE, method=method, compute_dtype=dtype, seed=seed, max_steps=steps,
+                        warmup_steps=max(1, steps // 10))
+    session = TrainingSession(spec, model_path, train, validation)
     before = session.evaluate()
     started, flops, losses, curve, step_s = time.time(), 0.0, [], [], []
     for step in range(1, steps + 1):
@@ -155,8 +156,8 @@ def run(quick: bool) -> dict:
         probe_native = next(r["mean_step_s"] for r in runs if r["method"] == method)
         from frugalray.train.loop import TrainingSession
 
-        probe = TrainingSession({**RECIPE, "method": method, "compute_dtype": other, "seed": 0, "max_steps": 2,
-                                 "eval_rows": 0}, model_path, train, [])
+        probe = TrainingSession(TrainingSpec(**RECIPE, method=method, compute_dtype=other, seed=0, max_steps=2),
+                                model_path, train, [])
         t0 = time.time()
         probe.step()
         probe.step()

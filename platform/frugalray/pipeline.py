@@ -123,16 +123,12 @@ class StagePlan:
         selected data, which only the select stage produces.
         """
         from frugalray.models import model_shape
-        from frugalray.train.finetune import FinetuneConfig
-        from frugalray.tune.sweep import trial_configs, trial_cost_bounds
+        from frugalray.tune.sweep import trial_configs, trial_cost_bounds, trial_spec
 
         shape = model_shape(model_path)
         base = self.sweep.finetune
         eval_rows = min(base.eval_rows, heldout_rows)
-        costs = []
-        for combo in trial_configs(self.sweep):
-            variant = FinetuneConfig.model_validate({**base.model_dump(), **combo})
-            costs.append(sum(trial_cost_bounds(variant, shape, eval_rows)))
+        costs = [sum(trial_cost_bounds(trial_spec(base, combo), shape, eval_rows)) for combo in trial_configs(self.sweep)]
         cheapest = min(costs)
         if self.sweep.flop_cap < cheapest:
             return [f"sweep.flop_cap: {self.sweep.flop_cap:.4g} FLOPs cannot pay for one training step plus its "

@@ -13,7 +13,8 @@ import pytest
 from frugalray.budget.ledger import ComputeLedger
 from frugalray.config import parse_config
 from frugalray.examples.generate import GenerateConfig, generate_tasks, make_eval_set, write_rows
-from frugalray.data.select import SelectConfig, run_select, select_rows
+from frugalray.data.ranking import select_rows
+from frugalray.data.select import SelectConfig, run_select
 
 
 # About 2 CPU-minutes (3 model loads, 2 LoRA steps each); much longer on a shared machine.
@@ -35,8 +36,9 @@ def test_auto_strategy_runs_candidates_picks_the_best_and_costs_it(tmp_path, def
         "keep_fraction": 0.5, "histograms": False,
         "auto": {"candidates": [{"name": "keep-easy", "strategy": "lowest"}, {"name": "keep-hard", "strategy": "highest"},
                                 {"strategy": "random"}, {"name": "by-ifd", "strategy": "lowest", "score": "ifd"}],
-                 "proxy_steps": 2, "batch_size": 2, "seq_len": 48, "eval_path": str(heldout), "eval_rows": 4,
-                 "learning_rate": 5e-3, "target_modules": ["q_proj", "v_proj"], "model": default_model_path},
+                 "proxy": {"max_steps": 2, "batch_size": 2, "seq_len": 48, "learning_rate": 5e-3,
+                           "target_modules": ["q_proj", "v_proj"]},
+                 "eval_path": str(heldout), "eval_rows": 4, "model": default_model_path},
     })
     result = run_select(cfg, tmp_path / "run")
     report = json.loads(Path(result.report_path).read_text())

@@ -15,7 +15,7 @@ import torch
 from frugalray.data.dynamics import proxy_finetune
 from frugalray.examples.generate import GenerateConfig, generate_tasks
 from frugalray.data.influence import InfluenceSettings, projection_matrix
-from frugalray.data.score import RowScorer
+from frugalray.data.scoring_actor import RowScorer
 
 ROWS = [
     {"prompt": r["instruction"], "response": r["response"]}
@@ -37,7 +37,7 @@ def test_dynamics_columns_match_a_direct_loop_over_checkpoints(default_model_pat
 
     from frugalray.models import load_causal_lm, load_tokenizer
 
-    settings = {"checkpoints": [0, 2], "batch_size": 2, "learning_rate": 5e-3, "lora_rank": 2}
+    settings = {"checkpoints": [0, 2], "proxy": {"batch_size": 2, "learning_rate": 5e-3, "lora_rank": 2}}
     proxy = proxy_finetune(default_model_path, ROWS, settings, 64, str(tmp_path / "dyn"), threads=2)
     assert [p.rsplit("/", 1)[1] for p in proxy["checkpoints"]] == ["step-00000", "step-00002"]
     assert len(proxy["losses"]) == 2 and proxy["flops"] > 0
@@ -142,7 +142,7 @@ def test_run_score_with_dynamics_and_influence_on_ray(ray_cluster, default_model
     cfg = ScoreConfig(
         model=default_model_path, input_path=str(data), output_path=str(tmp_path / "scored"), batch_size=4,
         max_length=64, scorers=["dynamics", "influence"],
-        dynamics={"checkpoints": [0, 1], "batch_size": 2, "lora_rank": 1, "target_modules": ["v_proj"]},
+        dynamics={"checkpoints": [0, 1], "proxy": {"batch_size": 2, "lora_rank": 1, "target_modules": ["v_proj"]}},
         influence={"target_path": str(target), "dim": 64, "lora_rank": 1, "target_modules": ["v_proj"]},
     )
     result = run_score(cfg, tmp_path / "run")

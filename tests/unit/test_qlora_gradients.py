@@ -36,7 +36,7 @@ def _session(model_path: str, compute_dtype: str):
     cfg = FinetuneConfig(data_path="unused", method="qlora", lora_rank=4, lora_alpha=8, batch_size=2, seq_len=64,
                          max_steps=4, eval_rows=2, compute_dtype=compute_dtype, seed=0, learning_rate=1e-3)
     rows = _rows()
-    return TrainingSession(cfg.model_dump(mode="json"), model_path, rows, rows[:2], threads=2)
+    return TrainingSession(cfg, model_path, rows, rows[:2], threads=2)
 
 
 def _lora_grads(session) -> dict[str, torch.Tensor]:

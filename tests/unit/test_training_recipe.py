@@ -17,7 +17,7 @@ def _session(model_path: str, **overrides):
     cfg = FinetuneConfig(data_path="unused", method="lora", lora_rank=4, lora_alpha=8, batch_size=2, seq_len=64,
                          max_steps=3, eval_rows=0, seed=0, learning_rate=1e-3, **overrides)
     rows = [{"prompt": f"What is {a} + 2?", "response": f"{a} + 2 = {a + 2}"} for a in range(8)]
-    return TrainingSession(cfg.model_dump(mode="json"), model_path, rows, [], threads=2)
+    return TrainingSession(cfg, model_path, rows, [], threads=2)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -62,7 +62,7 @@ def test_quantization_error_compares_the_4bit_base_with_the_unquantized_one(defa
     def session(method: str):
         cfg = FinetuneConfig(data_path="unused", method=method, lora_rank=4, lora_alpha=8, batch_size=2, seq_len=64,
                              max_steps=2, eval_rows=4, seed=0, compute_dtype=dtype)
-        return TrainingSession(cfg.model_dump(mode="json"), default_model_path, rows, rows[:4], threads=2)
+        return TrainingSession(cfg, default_model_path, rows, rows[:4], threads=2)
 
     qlora = session("qlora")
     quant = qlora.quantization_error(default_model_path)

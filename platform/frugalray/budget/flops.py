@@ -32,20 +32,21 @@ class ModelShape:
     gated_mlp: bool = True
 
     @classmethod
-    def from_hf_config(cls, config: Any) -> "ModelShape":
-        """From a transformers `PretrainedConfig` (or its dict) of a Llama-style decoder."""
-        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-        d_model = get("hidden_size")
-        n_heads = get("num_attention_heads")
-        head_dim = get("head_dim") or d_model // n_heads
+    def from_hf_config(cls, config: Any) -> ModelShape:
+        """From a Llama-style decoder's HF config: its config.json dict, or a transformers
+        `PretrainedConfig`, read as that same dict (`to_dict()`)."""
+        fields: dict[str, Any] = config if isinstance(config, dict) else config.to_dict()
+        d_model = fields["hidden_size"]
+        n_heads = fields["num_attention_heads"]
         return cls(
-            n_layers=get("num_hidden_layers"),
+            n_layers=fields["num_hidden_layers"],
             d_model=d_model,
             n_heads=n_heads,
-            n_kv_heads=get("num_key_value_heads") or n_heads,
-            head_dim=head_dim,
-            d_ff=get("intermediate_size"),
-            vocab_size=get("vocab_size"),
+            # Optional in config.json: absent (or null) means one KV head per head, head_dim = d / heads.
+            n_kv_heads=fields.get("num_key_value_heads") or n_heads,
+            head_dim=fields.get("head_dim") or d_model // n_heads,
+            d_ff=fields["intermediate_size"],
+            vocab_size=fields["vocab_size"],
         )
 
     @property

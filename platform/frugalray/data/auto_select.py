@@ -6,9 +6,9 @@ candidate strategy (default: keep-easy = lowest perplexity, keep-hard = highest,
 middle band, stratified, random):
 
 1. select under the same budget the user set (`select_rows`, same filters and dedup);
-2. fine-tune a fresh LoRA on that subset for `proxy_steps` steps with the project's own
-   training loop (`frugalray.train.loop.LoraTrainingSession`, in process, same seed, same
-   batch size, so every candidate gets the same number of steps);
+2. fine-tune a fresh LoRA on that subset for `proxy.max_steps` steps with the project's own
+   training loop (`frugalray.train.loop.TrainingSession` on the one `auto.proxy` TrainingSpec,
+   in process, same seed, same batch size, so every candidate gets the same number of steps);
 3. evaluate on one held-out set: response loss, or exact-match accuracy of greedy answers
    for verifiable rows (an `answer` column).
 
@@ -31,9 +31,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from frugalray.config import StrictModel
+from frugalray.train.spec import TrainingSpec, refuse_flat_training_keys
 
 log = logging.getLogger(__name__)
 
@@ -66,24 +67,31 @@ def _default_candidates() -> list[AutoCandidate]:
     ]
 
 
+class AutoProxySpec(TrainingSpec):
+    """Each candidate's proxy fine-tune: a `TrainingSpec` with the proxy's defaults (rank-8 LoRA on
+    every linear, lr 1e-3, 4 steps of batch 4 at 128 tokens)."""
+
+    method: Literal["lora", "qlora"] = Field(default="lora", description="lora: fp32, the fastest on a CPU")
+    learning_rate: float = Field(1e-3, gt=0)
+    max_steps: int = Field(4, ge=1, description="optimizer steps per candidate")
+
+
 class AutoSettings(StrictModel):
     candidates: list[AutoCandidate] = Field(default_factory=_default_candidates, min_length=1)
     model: str | None = Field(default=None, description="model of the proxy fine-tunes; default: the default model")
-    method: Literal["lora", "qlora"] = Field(default="lora", description="lora: fp32, the fastest on a CPU")
-    lora_rank: int = Field(default=8, ge=1)
-    lora_alpha: float = Field(default=16.0, gt=0)
-    target_modules: Literal["all-linear"] | list[str] = "all-linear"
-    learning_rate: float = Field(default=1e-3, gt=0)
-    proxy_steps: int = Field(default=4, ge=1, description="optimizer steps per candidate")
-    batch_size: int = Field(default=4, ge=1)
-    seq_len: int = Field(default=128, ge=8)
+    # Its seed also draws the held-out rows when eval_path is not given.
+    proxy: AutoProxySpec = Field(default_factory=AutoProxySpec)
     eval_path: str | None = Field(default=None, description="held-out rows (.jsonl/.json/.parquet); default: sample the input")
     eval_rows: int = Field(default=16, ge=1, description="held-out rows evaluated")
     metric: Literal["loss", "accuracy"] = Field(
         default="loss", description="loss: held-out response NLL; accuracy: greedy exact match (needs an answer column)"
     )
     max_new_tokens: int = Field(default=8, ge=1, description="accuracy: tokens generated per held-out row")
-    seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _training_keys_moved(cls, data: Any) -> Any:
+        return refuse_flat_training_keys(data, "auto", renamed={"proxy_steps": "max_steps"})
 
 
 @dataclass
@@ -140,13 +148,6 @@ class AutoOutcome:
         }
 
 
-def session_config(**fields: Any) -> dict[str, Any]:
-    """A training-loop config: `FinetuneConfig`'s defaults (every key the loop reads) with `fields` set."""
-    from frugalray.train.finetune import FinetuneConfig
-
-    return FinetuneConfig.model_validate({"data_path": "-", "lora_dropout": 0.0, **fields}).model_dump(mode="json")
-
-
 def one_epoch_flops(result: CandidateResult) -> float | None:
     """Estimated FLOPs of one training epoch over a candidate's kept rows, at the training cost per
     token its proxy fine-tune measured (None when it did not train)."""
@@ -184,8 +185,9 @@ def _heldout(rows: list[dict], settings: AutoSettings) -> tuple[list[dict], set[
         loaded = load_records(settings.eval_path, fields, path_field="auto.eval_path", fields_prefix="auto.fields")
         return loaded.rows[: settings.eval_rows], set(), settings.eval_path
     usable = [i for i, r in enumerate(rows) if r.get("prompt") is not None and r.get("response")]
-    picked = random.Random(settings.seed).sample(usable, min(settings.eval_rows, max(0, len(usable) - 1)))
-    return [rows[i] for i in picked], set(picked), f"{len(picked)} input rows drawn at random (seed {settings.seed})"
+    seed = settings.proxy.seed
+    picked = random.Random(seed).sample(usable, min(settings.eval_rows, max(0, len(usable) - 1)))
+    return [rows[i] for i in picked], set(picked), f"{len(picked)} input rows drawn at random (seed {seed})"
 
 
 def _accuracy(session, rows: list[dict], max_new_tokens: int) -> tuple[float | None, float]:
@@ -194,7 +196,7 @@ def _accuracy(session, rows: list[dict], max_new_tokens: int) -> tuple[float | N
 
     from frugalray.budget.flops import forward_flops_per_token
     from frugalray.examples.formatting import chat_prompt_text
-    from frugalray.examples.generate import is_correct
+    from frugalray.examples.answers import is_correct
 
     checkable = [r for r in rows if r.get("answer") not in (None, "")]
     if not checkable:
@@ -225,7 +227,7 @@ def run_auto_proxy(rows: list[dict[str, Any]], settings: AutoSettings, select_kw
 
     from frugalray.data.ranking import select_rows
     from frugalray.models import DEFAULT_MODEL, resolve_model
-    from frugalray.train.loop import LoraTrainingSession
+    from frugalray.train.loop import TrainingSession
 
     started = time.time()
     model_path = resolve_model(settings.model or DEFAULT_MODEL, field="auto.model")
@@ -233,11 +235,7 @@ def run_auto_proxy(rows: list[dict[str, Any]], settings: AutoSettings, select_kw
     if not heldout:
         raise RuntimeError("strategy auto: no held-out rows to compare candidates on; set auto.eval_path")
     held_ids = {id(rows[i]) for i in held_idx}
-    session_cfg = session_config(
-        seed=settings.seed, method=settings.method, batch_size=settings.batch_size, seq_len=settings.seq_len,
-        lora_rank=settings.lora_rank, lora_alpha=settings.lora_alpha, target_modules=settings.target_modules,
-        learning_rate=settings.learning_rate, eval_rows=len(heldout), max_steps=settings.proxy_steps,
-    )
+    spec = settings.proxy
     eval_rows = [{"prompt": r["prompt"], "response": r["response"]} for r in heldout]
     columns = {c for r in rows[:1000] for c in r}
     results: list[CandidateResult] = []
@@ -263,7 +261,7 @@ def run_auto_proxy(rows: list[dict[str, Any]], settings: AutoSettings, select_kw
             results.append(result)
             continue
         try:
-            session = LoraTrainingSession(session_cfg, model_path, train, eval_rows)
+            session = TrainingSession(spec, model_path, train, eval_rows)
         except ValueError as err:  # e.g. every response beyond seq_len
             result.skipped = str(err)
             results.append(result)
@@ -276,7 +274,7 @@ def run_auto_proxy(rows: list[dict[str, Any]], settings: AutoSettings, select_kw
             if settings.metric == "accuracy":
                 untrained_acc, gen_flops = _accuracy(session, heldout, settings.max_new_tokens)
                 total_flops += gen_flops
-        for _ in range(settings.proxy_steps):
+        for _ in range(spec.max_steps):
             stats = session.step()
             result.steps += 1
             result.train_tokens += stats.tokens
@@ -299,7 +297,7 @@ def run_auto_proxy(rows: list[dict[str, Any]], settings: AutoSettings, select_kw
     reference = untrained_loss if settings.metric == "loss" else untrained_acc
     if reference is not None:
         why += f"; untrained model {reference:.4g}"
-    why += f" ({settings.proxy_steps} proxy steps x batch {settings.batch_size} per candidate, one seed)"
+    why += f" ({spec.max_steps} proxy steps x batch {spec.batch_size} per candidate, one seed)"
     # The proxy is paid out of the same compute as the training it selects for: say what it cost in
     # those units. In bench/data_downstream.py (5 candidates x 12 steps) it cost 1.5x training on all rows.
     epoch = one_epoch_flops(results[best])
@@ -308,7 +306,7 @@ def run_auto_proxy(rows: list[dict[str, Any]], settings: AutoSettings, select_kw
         why += f"; the proxy cost {ratio:.2g}x one training epoch on the kept rows"
         if ratio > 1:
             log.warning("strategy auto: the proxy experiment cost %.2gx one training epoch on the rows it kept; "
-                        "lower auto.proxy_steps or the number of candidates, or use a fixed strategy", ratio)
+                        "lower auto.proxy.max_steps or the number of candidates, or use a fixed strategy", ratio)
     return AutoOutcome(
         winner=winner, metric=settings.metric, table=results, untrained_eval_loss=untrained_loss,
         untrained_accuracy=untrained_acc, flops=total_flops, why=why, heldout_rows=len(heldout),

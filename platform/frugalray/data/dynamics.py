@@ -1,7 +1,7 @@
 """Learning-dynamics scores: how each example behaves during a short proxy fine-tune.
 
-A proxy LoRA fine-tune (`proxy_finetune`: the project's `LoraTrainingSession`, a few steps,
-tiny rank, run as one Ray task) saves its adapter at several early steps. Every example is
+A proxy LoRA fine-tune (`proxy_finetune`: the project's `TrainingSession` on `dynamics.proxy`,
+a few steps, tiny rank, run as one Ray task) saves its adapter at several early steps. Every example is
 then scored under each checkpoint (on the scoring actor pool, `score.RowScorer`), from the
 response tokens only:
 
@@ -28,15 +28,40 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from frugalray.config import StrictModel
+from frugalray.train.spec import ComputeDtype, TrainingSpec, refuse_flat_training_keys
 
 log = logging.getLogger(__name__)
 
 DYNAMICS_COLUMNS = ("el2n", "dyn_loss_mean", "dyn_loss_var", "forgetting_events", "dyn_acc_mean")
+
+
+class DynamicsProxySpec(TrainingSpec):
+    """The proxy fine-tune: a `TrainingSpec` with the proxy's defaults (a tiny fp32 LoRA on q/v).
+
+    Its length is `max(checkpoints)` steps and its sequence length the score's `max_length`:
+    both are set when it runs, so they are not written here (nor dumped)."""
+
+    method: Literal["lora", "qlora"] = "lora"
+    lora_rank: int = Field(4, ge=1)
+    lora_alpha: float = Field(8.0, gt=0)
+    target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"])
+    # A proxy run is short, so it takes large steps: the point is to see which rows move.
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(4, ge=1, description="proxy fine-tune rows per step")
+    compute_dtype: ComputeDtype = "float32"
+    max_steps: int = Field(20, ge=1, exclude=True, description="not set here: max(dynamics.checkpoints)")
+    seq_len: int = Field(128, ge=8, le=8192, exclude=True, description="not set here: the score's max_length")
+
+
+# Set from elsewhere when the proxy runs (see DynamicsProxySpec), never in dynamics.proxy.
+_PROXY_FIELDS_SET_ELSEWHERE = {"max_steps": "dynamics.checkpoints (the proxy trains max(checkpoints) steps)",
+                               "seq_len": "the score's max_length"}
 
 
 class DynamicsSettings(StrictModel):
@@ -44,15 +69,20 @@ class DynamicsSettings(StrictModel):
         default_factory=lambda: [1, 2, 4], min_length=2,
         description="proxy fine-tune steps after which every row is scored (0: the reference model itself)",
     )
-    lora_rank: int = Field(default=4, ge=1)
-    lora_alpha: float = Field(default=8.0, gt=0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
-    # A proxy run is short, so it takes large steps: the point is to see which rows move.
-    learning_rate: float = Field(default=1e-3, gt=0)
-    batch_size: int = Field(default=4, ge=1, description="proxy fine-tune rows per step")
+    proxy: DynamicsProxySpec = Field(default_factory=DynamicsProxySpec)
     train_rows: int | None = Field(default=None, ge=1, description="rows the proxy trains on (seeded sample); None: all")
     chunk_tokens: int = Field(default=512, ge=1, description="labelled positions per LM-head chunk")
-    seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _training_keys_moved(cls, data: Any) -> Any:
+        data = refuse_flat_training_keys(data, "dynamics")
+        proxy = data.get("proxy") if isinstance(data, dict) else None
+        set_elsewhere = [f"dynamics.proxy.{k}: set by {where}; drop it" for k, where in _PROXY_FIELDS_SET_ELSEWHERE.items()
+                         if isinstance(proxy, dict) and k in proxy]
+        if set_elsewhere:
+            raise ValueError("; ".join(set_elsewhere))
+        return data
 
     @field_validator("checkpoints")
     @classmethod
@@ -107,17 +137,6 @@ def summarize_dynamics(nll: list[list[float]], el2n: list[list[float]], correct:
     }
 
 
-def proxy_session_config(settings: DynamicsSettings, seq_len: int) -> dict[str, Any]:
-    """The `LoraTrainingSession` config (FinetuneConfig fields) of the proxy run."""
-    return {
-        "method": "lora", "seed": settings.seed, "batch_size": settings.batch_size, "seq_len": seq_len,
-        "lora_rank": settings.lora_rank, "lora_alpha": settings.lora_alpha, "lora_dropout": 0.0,
-        "target_modules": list(settings.target_modules), "learning_rate": settings.learning_rate,
-        "compute_dtype": "float32", "eval_rows": 0, "max_steps": max(settings.checkpoints),
-        "lr_scheduler": "constant", "warmup_steps": 0,
-    }
-
-
 def checkpoint_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step-{step:05d}"
 
@@ -127,14 +146,16 @@ def proxy_finetune(
 ) -> dict[str, Any]:
     """Train the proxy LoRA for max(checkpoints) steps, saving the adapter after each checkpoint step.
 
-    Returns {"checkpoints": [dirs], "flops", "tokens", "losses", "wall_s"}. Each adapter is written
-    to a temporary directory and renamed, so a directory that exists is complete.
+    `settings` is a `DynamicsSettings` dump (it crosses to this Ray task as a dict). Returns
+    {"checkpoints": [dirs], "flops", "tokens", "losses", "wall_s"}. Each adapter is written to a
+    temporary directory and renamed, so a directory that exists is complete.
     """
-    from frugalray.train.loop import LoraTrainingSession
+    from frugalray.train.loop import TrainingSession
 
     started = time.time()
-    cfg = DynamicsSettings(**settings)
-    session = LoraTrainingSession(proxy_session_config(cfg, seq_len), model_path, rows, [], threads=threads)
+    cfg = DynamicsSettings.model_validate(settings)  # re-validated at the task's door
+    spec = cfg.proxy.with_values(max_steps=max(cfg.checkpoints), seq_len=seq_len)
+    session = TrainingSession(spec, model_path, rows, [], threads=threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 

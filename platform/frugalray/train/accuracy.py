@@ -2,7 +2,7 @@
 
 What the served engine would answer, without an engine: an adapter is put on the full-precision
 base (as vLLM serves a QLoRA adapter), each question is asked once (greedy, chat template, left
-padding, batched) and the reply is checked by exact match (`generate.is_correct`). Per-question
+padding, batched) and the reply is checked by exact match (`answers.is_correct`). Per-question
 results come back in order, so two models on the same questions can be compared pairwise
 (`frugalray.stats.paired_difference`).
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from frugalray.examples.answers import is_correct
 from frugalray.examples.formatting import chat_prompt_text
-from frugalray.examples.generate import is_correct
 
 
 def greedy_correct(model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_new_tokens: int = 16,

@@ -85,19 +85,12 @@ def save_training_state(session, directory: str | Path) -> None:
             "history": session.history,
             "extras": session.extras,
             "world_size": session.world_size,
-            "config": session.cfg,
+            "config": session.spec.model_dump(mode="json"),
         },
         directory / STATE_FILE,
     )
     _write_weights(session, directory, model_sd)
     (directory / PROGRESS_FILE).write_text(json.dumps({"step": session.steps_done}))
-
-
-def save_model_weights(session, directory: str | Path) -> None:
-    """Collective: the adapter (or full model) alone, e.g. for serving."""
-    model_sd, _ = _gather_full_state(session)
-    if session.rank == 0:
-        _write_weights(session, Path(directory), model_sd)
 
 
 def _write_weights(session, directory: Path, model_sd: dict[str, Any]) -> None:

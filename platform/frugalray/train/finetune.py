@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 from frugalray.config import ConfigError, StrictModel
 from frugalray.examples.loaders import FieldMapping
 from frugalray.models import DEFAULT_MODEL, has_fast_bf16
+from frugalray.train.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,10 @@ class KillWorker(StrictModel):
     marker: str
 
 
-class FinetuneConfig(StrictModel):
+class FinetuneConfig(TrainingSpec):
+    """A training run (`TrainingSpec`: method, LoRA, optimizer, schedule, batch, seq_len, dtype,
+    device, seed) plus where its model, data and workers are. YAML keys stay flat."""
+
     model: str = DEFAULT_MODEL
     data_path: str
     # Held-out rows for the eval loss (their first `eval_rows`); without it, `eval_rows`
@@ -53,42 +57,12 @@ class FinetuneConfig(StrictModel):
     # Which columns hold prompt/response; None picks prompt/response when the data has a
     # `prompt` column (frugalray's own select output), else instruction/input/response.
     fields: FieldMapping | None = None
-    # full: every weight trains; lora: fp32 base + LoRA; qlora: NF4 4-bit base (double quant) + LoRA.
-    method: Literal["qlora", "lora", "full"] = "qlora"
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: Literal["all-linear"] | list[str] = "all-linear"
-    # Matmul dtype. auto: bfloat16 where matmuls are native in bf16 (CUDA, AVX512-BF16, AMX),
-    # else float32: on an AVX2-only CPU bf16 compute made each step ~27x slower. An explicit
-    # value is what runs, on any machine.
-    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    # adamw (torch), adamw_8bit (bitsandbytes 8-bit states), paged_adamw (bitsandbytes; CUDA only).
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw"] = "adamw"
-    learning_rate: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    # Clip the global gradient norm before each update (HF Trainer's default 1.0); None: no clipping.
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    max_steps: int = Field(20, ge=1)
-    batch_size: int = Field(4, ge=1, description="rows per worker per micro-batch")
-    # Micro-batches per optimizer step: global batch = batch_size x grad_accum_steps x num_workers.
-    grad_accum_steps: int = Field(1, ge=1)
-    gradient_checkpointing: bool = False
-    seq_len: int = Field(128, ge=8, le=8192)
-    # shuffle: a seeded permutation per epoch; as_given: the file's order (e.g. select's curriculum).
-    data_order: Literal["shuffle", "as_given"] = "shuffle"
-    # Put rows of similar length in the same micro-batch (less padding).
-    length_bucketing: bool = False
     # >1 shards the model with FSDP2 across Ray Train workers (gloo on CPU, NCCL on GPU).
     num_workers: int = Field(1, ge=1)
     # Where Ray puts the workers: PACK fills as few nodes as possible (least traffic); SPREAD puts
     # them on different nodes where it can (one lost node then takes fewer workers down with it).
     placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
-    # auto: GPUs when the cluster has one per worker, else CPU.
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
+    # Rows scored for the eval loss before and after training (0: no eval loss).
     eval_rows: int = Field(8, ge=0)
     # Torch threads per worker; None: this machine's cores / num_workers.
     cpu_threads: int | None = Field(None, ge=1)
@@ -367,17 +341,17 @@ def finetune_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg = config["cfg"]
+    cfg = FinetuneConfig.model_validate(config["cfg"])  # crossed as JSON: re-validated at the door
     device = "cpu"
     if config["use_gpu"]:
         import ray.train.torch
 
         device = ray.train.torch.get_device()
-    _import_model_code(config["model_path"], cfg["method"])  # so the load growth below is weights, not code
+    _import_model_code(config["model_path"], cfg.method)  # so the load growth below is weights, not code
     rss_before_load = _current_rss_mb()
     session = TrainingSession(
         cfg, config["model_path"], config["train_rows"], config["eval_rows"], rank, world,
-        cfg.get("cpu_threads"), device=device,
+        cfg.cpu_threads, device=device,
     )
     host_ram = _gather_host_ram(session, rss_before_load)  # per rank, right after loading + sharding
     # A restart inside this run (a worker died) resumes from Ray Train's latest checkpoint; otherwise
@@ -387,7 +361,7 @@ def finetune_worker(config: dict[str, Any]) -> None:
     if start is not None:
         with start.as_directory() as directory:
             session.load_checkpoint(directory)
-    elif config.get("resume_checkpoint"):
+    elif config["resume_checkpoint"]:
         session.load_checkpoint(config["resume_checkpoint"])
     extras = session.extras  # eval-before figures survive restarts inside the checkpoint
     if "eval_before" not in extras:
@@ -396,7 +370,7 @@ def finetune_worker(config: dict[str, Any]) -> None:
         extras["eval_flops"] = before.flops if before else 0.0
         extras["eval_tokens"] = before.tokens if before else 0
         quant = (session.quantization_error(config["model_path"], quantized=before)
-                 if cfg.get("measure_quantization_error") and before is not None else None)
+                 if cfg.measure_quantization_error and before is not None else None)
         if quant is not None:
             extras["eval_flops"] += quant["flops"]
             extras["eval_tokens"] += quant["tokens"]
@@ -406,12 +380,12 @@ def finetune_worker(config: dict[str, Any]) -> None:
                             quant["eval_loss_increase"], session.compute_dtype, session._eval_total)
         extras["quantization"] = quant
     attempt = uuid.uuid4().hex[:8]
-    max_steps, every = int(cfg["max_steps"]), int(cfg.get("checkpoint_every") or 0)
-    fault = cfg.get("inject_fault")
+    max_steps, every = cfg.max_steps, cfg.checkpoint_every
+    fault = cfg.inject_fault
     progress = tqdm(range(session.steps_done + 1, max_steps + 1), desc="finetune", disable=rank != 0)
     for step in progress:
-        if fault and rank == fault["rank"] and step == fault["at_step"] and not os.path.exists(fault["marker"]):
-            Path(fault["marker"]).write_text(json.dumps({"step": step, "pid": os.getpid()}))
+        if fault and rank == fault.rank and step == fault.at_step and not os.path.exists(fault.marker):
+            Path(fault.marker).write_text(json.dumps({"step": step, "pid": os.getpid()}))
             os.kill(os.getpid(), signal.SIGKILL)  # a real process death, as an OOM kill would be
         started = time.time()
         stats = session.step()
@@ -454,7 +428,7 @@ def finetune_worker(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         session.save_checkpoint(tmp)
         if rank == 0:
-            (Path(tmp) / "finetune_config.json").write_text(json.dumps(cfg, indent=1, default=str))
+            (Path(tmp) / "finetune_config.json").write_text(cfg.model_dump_json(indent=1))
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"step_{session.steps_done:06d}")
 

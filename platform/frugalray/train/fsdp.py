@@ -56,12 +56,6 @@ def shard_model(model: Any, reshard_after_forward: bool = True) -> Any:
     return model
 
 
-def is_sharded(model: Any) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def full_tensor(t: Any) -> Any:
     """A DTensor's full value (a collective: every rank must call it), else the tensor itself."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t

@@ -29,6 +29,7 @@ from typing import Any
 
 from frugalray.budget.flops import ModelShape, forward_flops_per_token, train_flops_per_token
 from frugalray.models import has_fast_bf16
+from frugalray.train.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +104,13 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> 
 class TrainingSession:
     """One model (full / LoRA / QLoRA) + optimizer + LR schedule + a seeded data order.
 
-    `cfg` is a mapping with the `FinetuneConfig` fields (a dict crosses process boundaries
-    more easily than the pydantic model); rows are dicts with `prompt` and `response`.
+    `spec` says what to train and how (a `FinetuneConfig` is one); rows are dicts with `prompt`
+    and `response`. The session evaluates on `eval_rows` when it is given any.
     """
 
     def __init__(
         self,
-        cfg: dict[str, Any],
+        spec: TrainingSpec,
         model_path: str,
         train_rows: list[dict[str, str]],
         eval_rows: list[dict[str, str]],
@@ -125,7 +126,7 @@ class TrainingSession:
         from frugalray.models import load_tokenizer, model_shape
         from frugalray.train.batching import BatchPlan
 
-        self.cfg = dict(cfg)
+        self.spec = spec
         self.rank, self.world_size = rank, world_size
         self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         # FSDP whenever there is more than one rank; `fsdp=True` also wraps a single rank (GPU check).
@@ -134,23 +135,23 @@ class TrainingSession:
         if self.device.type == "cpu":
             torch.set_num_threads(threads or default_threads(world_size))
 
-        self.method = cfg["method"]
-        self.batch_size = int(cfg["batch_size"])
-        self.accum_steps = int(cfg.get("grad_accum_steps", 1))
-        self.seq_len = int(cfg["seq_len"])
-        self.max_steps = int(cfg["max_steps"])
-        self.gradient_checkpointing = bool(cfg.get("gradient_checkpointing", False))
+        self.method = spec.method
+        self.batch_size = spec.batch_size
+        self.accum_steps = spec.grad_accum_steps
+        self.seq_len = spec.seq_len
+        self.max_steps = spec.max_steps
+        self.gradient_checkpointing = spec.gradient_checkpointing
         self.shape = model_shape(model_path)
         self.lora_params = 0 if self.method == "full" else lora_param_count(
-            self.shape, int(cfg["lora_rank"]), cfg["target_modules"]
+            self.shape, spec.lora_rank, spec.target_modules
         )
         self.tokenizer = load_tokenizer(model_path)
         # An explicit dtype is what runs (bf16 on a CPU without native bf16 is slow, never wrong);
         # "auto" picks bf16 only where it is native.
-        self.compute_dtype = resolve_compute_dtype(cfg.get("compute_dtype", "auto"))
-        self.max_grad_norm = cfg.get("max_grad_norm", 1.0)
+        self.compute_dtype = resolve_compute_dtype(spec.compute_dtype)
+        self.max_grad_norm = spec.max_grad_norm
 
-        torch.manual_seed(int(cfg["seed"]))
+        torch.manual_seed(spec.seed)
         self.model = self._build_model(model_path)
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable_params = sum(_numel(p) for p in self._trainable)
@@ -158,12 +159,9 @@ class TrainingSession:
         if expected is not None and self.trainable_params != expected:
             log.warning("trainable parameters %d differ from the FLOP module's LoRA count %d",
                         self.trainable_params, expected)
-        self.optimizer = build_optimizer(
-            cfg.get("optimizer", "adamw"), self._trainable, float(cfg["learning_rate"]),
-            float(cfg.get("weight_decay", 0.0)),
-        )
+        self.optimizer = build_optimizer(spec.optimizer, self._trainable, spec.learning_rate, spec.weight_decay)
         _assert_optimizer_owns_model_params(self.optimizer, self.model)
-        schedule, warmup = cfg.get("lr_scheduler", "constant"), int(cfg.get("warmup_steps", 0))
+        schedule, warmup = spec.lr_scheduler, spec.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.max_steps, schedule, warmup)
         )
@@ -183,15 +181,15 @@ class TrainingSession:
         dropped = len(train_rows) - len(self.train_examples)
         if dropped:
             log.warning("dropped %d training rows whose response lies beyond seq_len=%d", dropped, self.seq_len)
-        lengths = [len(e["input_ids"]) for e in self.train_examples] if cfg.get("length_bucketing") else None
+        lengths = [len(e["input_ids"]) for e in self.train_examples] if spec.length_bucketing else None
         self.plan = BatchPlan(
             n_rows=len(self.train_examples), micro_batch=self.batch_size, accum_steps=self.accum_steps,
-            world_size=world_size, seed=int(cfg["seed"]), order=cfg.get("data_order", "shuffle"), lengths=lengths,
+            world_size=world_size, seed=spec.seed, order=spec.data_order, lengths=lengths,
         )
         self.steps_done = 0
         self.history: list[dict[str, Any]] = []  # one entry per optimizer step (rank 0's view)
         self.extras: dict[str, Any] = {}  # caller's figures that must survive a restart
-        random.seed(int(cfg["seed"]) + rank)
+        random.seed(spec.seed + rank)
 
     # -- model ------------------------------------------------------------------------
     def _build_model(self, model_path: str):
@@ -234,10 +232,10 @@ class TrainingSession:
             from peft import LoraConfig, get_peft_model
 
             lora = LoraConfig(
-                r=int(self.cfg["lora_rank"]),
-                lora_alpha=float(self.cfg["lora_alpha"]),
-                lora_dropout=float(self.cfg["lora_dropout"]),
-                target_modules=self.cfg["target_modules"],
+                r=self.spec.lora_rank,
+                lora_alpha=self.spec.lora_alpha,
+                lora_dropout=self.spec.lora_dropout,
+                target_modules=self.spec.target_modules,
                 task_type="CAUSAL_LM",
             )
             model = get_peft_model(model, lora)
@@ -358,7 +356,7 @@ class TrainingSession:
 
         `model`: another model with full-precision weights to score on the same rows at this
         session's compute dtype (e.g. the unquantized base, to measure what 4-bit costs)."""
-        if not self.cfg.get("eval_rows") or not self._eval_total:
+        if not self._eval_total:
             return None
         import torch
 
@@ -425,16 +423,6 @@ class TrainingSession:
         from frugalray.train.checkpointing import load_training_state
 
         load_training_state(self, directory)
-
-    def save_adapter(self, directory: str) -> None:
-        """Collective under FSDP. PEFT adapter (LoRA/QLoRA) or the full model (method full)."""
-        from frugalray.train.checkpointing import save_model_weights
-
-        save_model_weights(self, directory)
-
-
-# The sweep and older callers know the session by this name.
-LoraTrainingSession = TrainingSession
 
 
 def _assert_optimizer_owns_model_params(optimizer: Any, model: Any) -> None:

@@ -7,12 +7,13 @@ plus where the data and workers are; a sweep trial is a TrainingSpec with the se
 the curation proxies (`AutoSettings.proxy`, `DynamicsSettings.proxy`) each hold one.
 
 It crosses to Ray workers as its JSON dict and is re-validated at the worker's door
-(`TrainingSpec.model_validate(d)`), so a worker never reads a key with a default of its own.
+(`FinetuneConfig.model_validate(d)`, `DynamicsSettings.model_validate(d)`), so a worker never
+reads a key with a default of its own.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import Field
 
@@ -31,7 +32,7 @@ class TrainingSpec(StrictModel):
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = "all-linear"
     # Matmul dtype. auto: bfloat16 where matmuls are native in bf16 (CUDA, AVX512-BF16, AMX),
     # else float32: on an AVX2-only CPU bf16 compute made each step ~27x slower. An explicit
     # value is what runs, on any machine.
@@ -62,9 +63,21 @@ class TrainingSpec(StrictModel):
         """Just the training fields (a subclass such as FinetuneConfig carries more)."""
         return TrainingSpec.model_validate(self.model_dump(include=set(TrainingSpec.model_fields)))
 
-    @classmethod
-    def from_worker(cls, data: dict[str, Any] | TrainingSpec) -> TrainingSpec:
-        """Re-validate a spec that crossed a process boundary as a dict (extra keys are errors)."""
-        if isinstance(data, TrainingSpec):
-            return data.training_spec()
-        return cls.model_validate(data)
+    def with_values(self, **values: Any) -> Self:
+        """A copy with `values` set, validated as a new config is (pydantic's model_copy is not)."""
+        return type(self).model_validate({**self.model_dump(), **values})
+
+
+def refuse_flat_training_keys(data: Any, section: str, renamed: dict[str, str] | None = None) -> Any:
+    """For a `mode="before"` validator of a config that nests its training run under `proxy`:
+    training keys written flat (where they used to be) are refused, each naming its new place.
+
+    `renamed`: old flat key -> its field in the spec (e.g. proxy_steps -> max_steps)."""
+    if not isinstance(data, dict):
+        return data
+    renamed = renamed or {}
+    moved = {k: renamed.get(k, k) for k in data if k in renamed or k in TrainingSpec.model_fields}
+    if moved:
+        where = "; ".join(f"{section}.{old} moved to {section}.proxy.{new}" for old, new in moved.items())
+        raise ValueError(f"{where} (the proxy's training settings are one TrainingSpec under {section}.proxy)")
+    return data

@@ -4,7 +4,8 @@
                                      "flop_cap": 5e13, "max_steps_per_trial": 8})
     result = run_sweep(cfg, run_dir)             # -> SweepResult
 
-Each trial runs the finetune training loop in-process (`LoraTrainingSession`). Before each
+Each trial runs the finetune training loop in-process (`TrainingSession`) on its own
+`FinetuneConfig`: the finetune section with the searched values set (`trial_spec`). Before each
 chunk of `steps_per_report` steps it reserves, from one shared `FlopBudget` actor, an
 upper bound of that chunk's FLOPs plus the evaluation after it; when the reservation is
 refused (or only partly granted), the trial stops and says so (`stopped_by_cap`). After the
@@ -183,6 +184,12 @@ def trial_configs(cfg: SweepConfig) -> list[dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(cfg.search_space[k] for k in keys))]
 
 
+def trial_spec(base: FinetuneConfig, searched: dict[str, Any], **values: Any) -> FinetuneConfig:
+    """One trial's typed config: the finetune section with the searched values (and `values`) set,
+    validated (a value the search space holds but the config refuses raises pydantic's error)."""
+    return base.with_values(**searched, **values)
+
+
 def trial_cost_bounds(cfg: FinetuneConfig, shape, eval_rows: int) -> tuple[float, float]:
     """(upper bound of one training step, upper bound of one evaluation) for a trial config."""
     from frugalray.train.loop import eval_flops_upper_bound, train_step_flops_upper_bound
@@ -205,7 +212,7 @@ def preflight_sweep(cfg: SweepConfig):
     variants = []
     for combo in trial_configs(cfg):
         try:
-            variants.append(FinetuneConfig.model_validate({**cfg.finetune.model_dump(), **combo}))
+            variants.append(trial_spec(cfg.finetune, combo))
         except Exception as err:  # noqa: BLE001 - pydantic's message names the bad value
             problems.append(f"search_space: {combo} is not a valid finetune config ({err.errors()[0]['msg']})")
     if cfg.finetune.warmup_steps > cfg.max_steps_per_trial:
@@ -249,8 +256,7 @@ def scheduler_flops(cfg: SweepConfig, shape, eval_rows: int) -> tuple[float, flo
     chunks = math.ceil(cfg.max_steps_per_trial / cfg.steps_per_report)
     grace_default, max_trial = 0.0, 0.0
     for combo in trial_configs(cfg):
-        variant = FinetuneConfig.model_validate({**cfg.finetune.model_dump(), **combo})
-        step, evaluation = trial_cost_bounds(variant, shape, eval_rows)
+        step, evaluation = trial_cost_bounds(trial_spec(cfg.finetune, combo), shape, eval_rows)
         chunk = min(cfg.steps_per_report, cfg.max_steps_per_trial) * step + evaluation
         grace_default = max(grace_default, min(2, chunks) * chunk)
         max_trial = max(max_trial, cfg.max_steps_per_trial * step + chunks * evaluation)
@@ -302,10 +308,11 @@ def sweep_trial(
     from ray import tune
 
     from frugalray.models import model_shape
-    from frugalray.train.loop import LoraTrainingSession
+    from frugalray.train.loop import TrainingSession
 
-    # The trial's LR schedule (warmup, decay) spans the trial's own length.
-    trial_cfg = FinetuneConfig.model_validate({**base, **config, "max_steps": max_steps})
+    # `base` crossed to the trial as JSON: re-validated at the door. The trial's LR schedule
+    # (warmup, decay) spans the trial's own length.
+    trial_cfg = trial_spec(FinetuneConfig.model_validate(base), config, max_steps=max_steps)
     budget = ray.get_actor(budget_name)
     shape = model_shape(model_path)
     step_bound, eval_bound = trial_cost_bounds(trial_cfg, shape, len(eval_rows))
@@ -327,7 +334,7 @@ def sweep_trial(
                          "stopped_by_cap": True, "chunk_flops": 0.0, "chunk_reserved": 0.0,
                          "sweep_flops": ray.get(budget.spent.remote()), "final": True})
             return
-        session = LoraTrainingSession(trial_cfg.model_dump(mode="json"), model_path, train_rows, eval_rows, threads=threads)
+        session = TrainingSession(trial_cfg, model_path, train_rows, eval_rows, threads=threads)
         if paused_at is not None:
             with paused_at.as_directory() as directory:
                 session.load_checkpoint(directory)
@@ -414,7 +421,8 @@ def _pause_checkpoint(session, result: dict[str, Any]):
     return tune.Checkpoint.from_directory(str(directory))
 
 
-def _finite(x: Any) -> float | None:
+def _finite_or_none(x: Any) -> float | None:
+    """A reported number as a float; None for a missing, non-numeric or infinite/NaN one."""
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
@@ -478,7 +486,7 @@ def _trial_histories(grid, cfg: SweepConfig) -> list[dict]:
             "config": {k: v for k, v in (r.config or {}).items() if k in cfg.search_space},
             **{key: [float(row.get(key, math.nan)) for row in rows]
                for key in ("step", "flops", "tokens", "sweep_flops", "chunk_flops", "chunk_reserved", "train_loss")},
-            "metric": [_finite(row.get(cfg.metric)) for row in rows],
+            "metric": [_finite_or_none(row.get(cfg.metric)) for row in rows],
         })
     return histories
 
@@ -591,8 +599,8 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path, ledger=None, resume: bool =
         trials.append(
             TrialSummary(
                 config={k: v for k, v in (r.config or {}).items() if k in cfg.search_space},
-                metric=_finite(m.get(cfg.metric)),
-                train_loss=_finite(m.get("train_loss")),
+                metric=_finite_or_none(m.get(cfg.metric)),
+                train_loss=_finite_or_none(m.get("train_loss")),
                 flops=float(m.get("flops", 0.0)),
                 reserved_flops=float(m.get("reserved_flops", 0.0)),
                 tokens=int(m.get("tokens", 0)),

@@ -32,9 +32,10 @@ RESULTS, PLANNER_RC = sys.argv[1], sys.argv[2]
 STEPS, ROWS = 20, 16
 
 def cfg_for(batch):
-    return {"method": "qlora", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear",
-            "compute_dtype": "bfloat16", "learning_rate": 3e-4, "max_steps": STEPS, "batch_size": batch,
-            "seq_len": 64, "seed": 0, "eval_rows": 0}
+    from frugalray.train.spec import TrainingSpec
+    return TrainingSpec(method="qlora", lora_rank=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                        compute_dtype="bfloat16", learning_rate=3e-4, max_steps=STEPS, batch_size=batch,
+                        seq_len=64, seed=0)
 
 def rows():
     return [{"prompt": f"What is {i % 7 + 1} + {i % 5 + 2}?",

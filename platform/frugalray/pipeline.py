@@ -21,10 +21,26 @@ from typing import Any
 
 from pydantic import Field
 
+from frugalray.budget.ledger import LEDGER_FILE, ComputeLedger
 from frugalray.config import ConfigError, StrictModel, parse_config
-from frugalray.examples.generate import told_to_reply_briefly
-from frugalray.models import DEFAULT_MODEL, resolve_model
+from frugalray.data.score import ScoreConfig, run_score
+from frugalray.data.select import SelectConfig, run_select
+from frugalray.examples.generate import (
+    GenerateConfig,
+    generate_tasks,
+    make_eval_set,
+    told_to_reply_briefly,
+    write_rows,
+)
+from frugalray.models import DEFAULT_MODEL, model_shape, resolve_model
+from frugalray.ray_utils import init_ray
+from frugalray.report import write_report
+from frugalray.serve.app import deploy, shutdown_app
+from frugalray.serve.client import evaluate
+from frugalray.serve.config import ServeConfig, resolve_api_key
 from frugalray.stats import paired_difference
+from frugalray.train.finetune import FinetuneConfig, run_finetune
+from frugalray.tune.sweep import SweepConfig, run_sweep, trial_configs, trial_cost_bounds, trial_spec
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +80,6 @@ class StagePlan:
     """Every stage's typed config, with the file paths that connect the stages."""
 
     def __init__(self, cfg: PipelineConfig, run_dir: Path):
-        from frugalray.examples.generate import GenerateConfig
-        from frugalray.data.score import ScoreConfig
-        from frugalray.data.select import SelectConfig
-        from frugalray.serve.config import ServeConfig
-        from frugalray.train.finetune import FinetuneConfig
-        from frugalray.tune.sweep import SweepConfig
 
         self.run_dir = run_dir
         self.tasks_path = run_dir / "data" / "tasks.jsonl"
@@ -122,8 +132,6 @@ class StagePlan:
         Checked here, before any data exists, because the sweep's own preflight reads the
         selected data, which only the select stage produces.
         """
-        from frugalray.models import model_shape
-        from frugalray.tune.sweep import trial_configs, trial_cost_bounds, trial_spec
 
         shape = model_shape(model_path)
         base = self.sweep.finetune
@@ -137,14 +145,12 @@ class StagePlan:
 
     def finetune_with(self, winner: dict[str, Any] | None):
         """The served adapter's config: the finetune section with the sweep winner's searched values."""
-        from frugalray.train.finetune import FinetuneConfig
 
         if not winner:
             return self.finetune
         return parse_config(FinetuneConfig, {**self.finetune.model_dump(), **winner}, "finetune (sweep winner)")
 
     def serve_with_adapter(self, adapter_name: str, adapter_path: str):
-        from frugalray.serve.config import ServeConfig
 
         data = {**self.serve.model_dump(), "adapters": {**self.serve.adapters, adapter_name: adapter_path}}
         return parse_config(ServeConfig, data, "serve")
@@ -157,7 +163,6 @@ def _fmt_flops(x: float) -> str:
 def set_aside_previous_ledger(run_dir: Path) -> Path | None:
     """Rename an earlier run's ledger (kept, never deleted): the pipeline reruns every stage, and a
     ledger appended to twice would no longer add up to this run's stage results."""
-    from frugalray.budget.ledger import LEDGER_FILE
 
     path = Path(run_dir) / LEDGER_FILE
     if not path.exists():
@@ -170,17 +175,6 @@ def set_aside_previous_ledger(run_dir: Path) -> Path | None:
 def run_pipeline(cfg: PipelineConfig, run_dir: str | Path | None = None, address: str | None = None) -> dict:
     from tqdm import tqdm
 
-    from frugalray.budget.ledger import ComputeLedger
-    from frugalray.examples.generate import generate_tasks, make_eval_set, write_rows
-    from frugalray.data.score import run_score
-    from frugalray.data.select import run_select
-    from frugalray.ray_utils import init_ray
-    from frugalray.report import write_report
-    from frugalray.serve.app import deploy, shutdown_app
-    from frugalray.serve.client import evaluate
-    from frugalray.serve.config import resolve_api_key
-    from frugalray.train.finetune import run_finetune
-    from frugalray.tune.sweep import run_sweep
 
     run_dir = Path(run_dir or cfg.run_dir)
     plan = StagePlan(cfg, run_dir)  # raises one ConfigError listing every problem

@@ -33,7 +33,14 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from frugalray.budget.flops import forward_flops_per_token
 from frugalray.config import StrictModel
+from frugalray.data.ranking import select_rows
+from frugalray.examples.answers import is_correct
+from frugalray.examples.formatting import chat_prompt_text
+from frugalray.examples.loaders import FieldMapping, _columns, load_records, read_rows
+from frugalray.models import DEFAULT_MODEL, resolve_model
+from frugalray.train.loop import TrainingSession
 from frugalray.train.spec import TrainingSpec, refuse_flat_training_keys
 
 log = logging.getLogger(__name__)
@@ -178,7 +185,6 @@ def choose_winner(results: list[CandidateResult], metric: str) -> tuple[int, str
 def _heldout(rows: list[dict], settings: AutoSettings) -> tuple[list[dict], set[int], str]:
     """(held-out rows, input row indices kept out of proxy training, where they came from)."""
     if settings.eval_path:
-        from frugalray.examples.loaders import FieldMapping, _columns, load_records, read_rows
 
         columns = _columns(read_rows(settings.eval_path, "auto.eval_path")[:64])
         fields = FieldMapping.prompt_response() if "prompt" in columns else FieldMapping()
@@ -194,9 +200,6 @@ def _accuracy(session, rows: list[dict], max_new_tokens: int) -> tuple[float | N
     """Greedy exact-match accuracy on rows with an `answer`, and the FLOPs it cost."""
     import torch
 
-    from frugalray.budget.flops import forward_flops_per_token
-    from frugalray.examples.formatting import chat_prompt_text
-    from frugalray.examples.answers import is_correct
 
     checkable = [r for r in rows if r.get("answer") not in (None, "")]
     if not checkable:
@@ -225,9 +228,6 @@ def run_auto_proxy(rows: list[dict[str, Any]], settings: AutoSettings, select_kw
     """
     from tqdm import tqdm
 
-    from frugalray.data.ranking import select_rows
-    from frugalray.models import DEFAULT_MODEL, resolve_model
-    from frugalray.train.loop import TrainingSession
 
     started = time.time()
     model_path = resolve_model(settings.model or DEFAULT_MODEL, field="auto.model")

@@ -2,7 +2,7 @@
 
 A proxy LoRA fine-tune (`proxy_finetune`: the project's `TrainingSession` on `dynamics.proxy`,
 a few steps, tiny rank, run as one Ray task) saves its adapter at several early steps. Every example is
-then scored under each checkpoint (on the scoring actor pool, `score.RowScorer`), from the
+then scored under each checkpoint (on the scoring actor pool, `scoring_actor.RowScorer`), from the
 response tokens only:
 
 - `el2n`: EL2N error norm (Paul et al. 2021), ||softmax(logits) - onehot(target)||_2 per token,
@@ -33,6 +33,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from frugalray.config import StrictModel
+from frugalray.train.loop import TrainingSession
 from frugalray.train.spec import ComputeDtype, TrainingSpec, refuse_flat_training_keys
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,6 @@ def proxy_finetune(
     {"checkpoints": [dirs], "flops", "tokens", "losses", "wall_s"}. Each adapter is written to a
     temporary directory and renamed, so a directory that exists is complete.
     """
-    from frugalray.train.loop import TrainingSession
 
     started = time.time()
     cfg = DynamicsSettings.model_validate(settings)  # re-validated at the task's door

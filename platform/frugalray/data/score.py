@@ -46,7 +46,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from frugalray.budget.ledger import ComputeLedger
 from frugalray.config import ConfigError, StrictModel
-from frugalray.data.difficulty import PassRateSettings
+from frugalray.data.difficulty import PassRateScorer, PassRateSettings
 from frugalray.data.dynamics import DynamicsSettings, checkpoint_dir, proxy_finetune
 from frugalray.data.influence import InfluenceSettings
 from frugalray.data.score_columns import COLUMN_TYPES, MODEL_SCORERS, SCORER_COLUMNS, ScorerName
@@ -437,7 +437,6 @@ def _scoring_dataset(cfg: ScoreConfig, inputs: ScoreInputs, plan: ShardPlan, pro
         num_cpus=cfg.num_cpus_per_actor,
     )
     if "pass_rate" in cfg.scorers:
-        from frugalray.data.difficulty import PassRateScorer
 
         # A second actor pool, each actor owning one vLLM engine, streaming after the first.
         ds = ds.map_batches(

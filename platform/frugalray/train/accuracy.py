@@ -13,6 +13,7 @@ from typing import Any
 
 from frugalray.examples.answers import is_correct
 from frugalray.examples.formatting import chat_prompt_text
+from frugalray.models import load_causal_lm, load_tokenizer
 
 
 def greedy_correct(model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_new_tokens: int = 16,
@@ -41,7 +42,6 @@ class AdapterAccuracy:
     """The full-precision base, loaded once; each adapter is put on it, scored, and taken off again."""
 
     def __init__(self, model_path: str, rows: list[dict[str, Any]], max_new_tokens: int = 16):
-        from frugalray.models import load_causal_lm, load_tokenizer
 
         self.base = load_causal_lm(model_path)
         self.tokenizer = load_tokenizer(model_path)

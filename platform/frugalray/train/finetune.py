@@ -24,9 +24,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from frugalray.budget.ledger import ComputeLedger
 from frugalray.config import ConfigError, StrictModel
-from frugalray.examples.loaders import FieldMapping
-from frugalray.models import DEFAULT_MODEL, has_fast_bf16
+from frugalray.examples.formatting import IGNORE_INDEX, tokenize_example
+from frugalray.examples.loaders import FieldMapping, _columns, load_records, read_rows
+from frugalray.models import (
+    DEFAULT_MODEL,
+    has_fast_bf16,
+    load_causal_lm,
+    load_tokenizer,
+    model_shape,
+    resolve_model,
+)
+from frugalray.ray_utils import init_ray
+from frugalray.train.checkpointing import ADAPTER_DIR as CKPT_ADAPTER_DIR
+from frugalray.train.checkpointing import FULL_MODEL_DIR, checkpoint_step, find_latest_checkpoint
+from frugalray.train.loop import TrainingSession
+from frugalray.train.memory_plan import memory_problems
 from frugalray.train.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
@@ -125,14 +139,12 @@ class PreparedData:
 def _fields_for(path: str, fields: FieldMapping | None) -> FieldMapping:
     if fields is not None:
         return fields
-    from frugalray.examples.loaders import _columns, read_rows
 
     columns = _columns(read_rows(path, "data_path")[:64])
     return FieldMapping.prompt_response() if "prompt" in columns else FieldMapping()
 
 
 def _load(path: str, fields: FieldMapping | None, path_field: str) -> tuple[list[dict[str, str]], int]:
-    from frugalray.examples.loaders import load_records
 
     loaded = load_records(path, _fields_for(path, fields), path_field=path_field, fields_prefix="fields")
     rows = [{"prompt": r["prompt"], "response": r["response"]} for r in loaded.rows]
@@ -149,7 +161,6 @@ def split_eval(rows: list[dict], eval_rows: int, seed: int) -> tuple[list[dict],
 
 def preflight_finetune(cfg: FinetuneConfig, field_prefix: str = "") -> PreparedData:
     """Resolve the model and read the data, or raise one ConfigError listing every problem."""
-    from frugalray.models import model_shape, resolve_model
 
     problems: list[str] = []
     model_path = None
@@ -191,9 +202,9 @@ def preflight_finetune(cfg: FinetuneConfig, field_prefix: str = "") -> PreparedD
     problems += resume_problems(cfg, field_prefix)
     if not problems and model_path is not None:
         # The memory planner: refuse, before any worker starts, what is predicted not to fit.
-        from frugalray.train.memory_plan import memory_problems
 
-        problems += memory_problems(cfg, model_path, field_prefix=field_prefix)
+        problems += memory_problems(cfg, model_path, num_workers=cfg.num_workers,
+                                    device_memory=cfg.device_memory, field_prefix=field_prefix)
     if problems:
         raise ConfigError(problems)
     assert model_path is not None
@@ -202,8 +213,6 @@ def preflight_finetune(cfg: FinetuneConfig, field_prefix: str = "") -> PreparedD
 
 def _check_seq_len(cfg: FinetuneConfig, model_path: str, rows: list[dict], field_prefix: str) -> list[str]:
     """A seq_len that truncates every response away would train on nothing (NaN loss)."""
-    from frugalray.examples.formatting import IGNORE_INDEX, tokenize_example
-    from frugalray.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
     sample = rows[:32]
@@ -294,7 +303,6 @@ def option_problems(cfg: FinetuneConfig, four_bit_devices: set[str], cuda: bool,
 
 
 def resume_problems(cfg: FinetuneConfig, field_prefix: str = "") -> list[str]:
-    from frugalray.train.checkpointing import checkpoint_step, find_latest_checkpoint
 
     if cfg.resume_from is None:
         return []
@@ -337,7 +345,6 @@ def finetune_worker(config: dict[str, Any]) -> None:
     import ray.train
     from tqdm import tqdm
 
-    from frugalray.train.loop import TrainingSession
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -475,7 +482,6 @@ def export_merged_model(model_path: str, adapter_path: str, out_dir: str | Path)
     """Base model (full precision) + adapter merged into one HF model directory vLLM can serve alone."""
     from peft import PeftModel
 
-    from frugalray.models import load_causal_lm, load_tokenizer
 
     base = load_causal_lm(model_path)
     merged = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
@@ -490,14 +496,6 @@ def run_finetune(cfg: FinetuneConfig, run_dir: str | Path, ledger=None) -> Finet
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from frugalray.budget.ledger import ComputeLedger
-    from frugalray.ray_utils import init_ray
-    from frugalray.train.checkpointing import (
-        ADAPTER_DIR as CKPT_ADAPTER_DIR,
-        FULL_MODEL_DIR,
-        checkpoint_step,
-        find_latest_checkpoint,
-    )
 
     started = time.time()
     run_dir = Path(run_dir).resolve()

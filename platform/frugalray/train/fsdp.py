@@ -29,6 +29,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from frugalray.models import load_causal_lm
+
 log = logging.getLogger(__name__)
 
 
@@ -104,7 +106,6 @@ def load_4bit_once_per_node(model_path: str, compute_dtype: str) -> Any:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from frugalray.models import load_causal_lm
 
     rank, world = dist.get_rank(), dist.get_world_size()
     hosts: list[Any] = [None] * world

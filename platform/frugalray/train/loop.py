@@ -28,7 +28,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from frugalray.budget.flops import ModelShape, forward_flops_per_token, train_flops_per_token
-from frugalray.models import has_fast_bf16
+from frugalray.examples.formatting import IGNORE_INDEX, pad_batch, tokenize_example
+from frugalray.models import has_fast_bf16, load_causal_lm, load_tokenizer, model_shape
+from frugalray.train.batching import BatchPlan
+from frugalray.train.checkpointing import load_training_state, save_training_state
+from frugalray.train.four_bit import keep_4bit_weights_unpacked, packed_4bit_layers
+from frugalray.train.fsdp import broadcast_from_rank0, load_4bit_once_per_node, shard_model
 from frugalray.train.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
@@ -122,9 +127,6 @@ class TrainingSession:
     ):
         import torch
 
-        from frugalray.examples.formatting import IGNORE_INDEX, tokenize_example
-        from frugalray.models import load_tokenizer, model_shape
-        from frugalray.train.batching import BatchPlan
 
         self.spec = spec
         self.rank, self.world_size = rank, world_size
@@ -198,7 +200,6 @@ class TrainingSession:
         QLoRA one rank per node quantizes and the others load its 4-bit checkpoint."""
         import torch
 
-        from frugalray.models import load_causal_lm
 
         quantized = self.method == "qlora"
         meta_load = self.use_fsdp and not quantized and self.rank != 0
@@ -208,7 +209,6 @@ class TrainingSession:
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=torch.float32)
         elif quantized and self.use_fsdp:
-            from frugalray.train.fsdp import load_4bit_once_per_node
 
             model = load_4bit_once_per_node(model_path, self.compute_dtype)
         else:
@@ -216,7 +216,6 @@ class TrainingSession:
         if quantized:
             from peft import prepare_model_for_kbit_training
 
-            from frugalray.train.four_bit import keep_4bit_weights_unpacked
 
             # Evaluation in this session must not repack the 4-bit weights (that cuts gradients).
             keep_4bit_weights_unpacked(model)
@@ -244,7 +243,6 @@ class TrainingSession:
         if self.device.type != "cpu" and not meta_load:
             model = model.to(self.device)
         if self.use_fsdp:
-            from frugalray.train.fsdp import broadcast_from_rank0, shard_model
 
             full_state = None if meta_load or quantized else _trainable_and_base_state(model)
             shard_model(model)
@@ -280,7 +278,6 @@ class TrainingSession:
     def _loss_sum(self, batch: dict[str, Any], model: Any = None):
         import torch.nn.functional as F
 
-        from frugalray.examples.formatting import IGNORE_INDEX
 
         with self._autocast(plain_weights=model is not None or self.method != "qlora"):
             logits = (model or self.model)(
@@ -316,10 +313,8 @@ class TrainingSession:
     def compute_gradients(self) -> StepStats:
         """Forward and backward of the next global batch (this rank's slice); gradients accumulate
         in the trainable parameters and nothing is updated. `step()` is this plus the update."""
-        from frugalray.examples.formatting import IGNORE_INDEX, pad_batch
 
         if self.method == "qlora":
-            from frugalray.train.four_bit import packed_4bit_layers
 
             unsafe = packed_4bit_layers(self.model)
             if unsafe:
@@ -360,7 +355,6 @@ class TrainingSession:
             return None
         import torch
 
-        from frugalray.examples.formatting import IGNORE_INDEX, pad_batch
 
         (model or self.model).eval()
         # FSDP all-gathers inside every forward: all ranks must run the same number of them.
@@ -395,7 +389,6 @@ class TrainingSession:
         `flops`/`tokens` are what this call spent. None for methods without 4-bit weights or eval rows."""
         if self.method != "qlora" or self.steps_done:
             return None
-        from frugalray.models import load_causal_lm
 
         spent = []
         if quantized is None:
@@ -415,12 +408,10 @@ class TrainingSession:
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, directory: str) -> None:
         """Collective: every rank calls it; rank 0 writes the shared state, each rank its RNG."""
-        from frugalray.train.checkpointing import save_training_state
 
         save_training_state(self, directory)
 
     def load_checkpoint(self, directory: str) -> None:
-        from frugalray.train.checkpointing import load_training_state
 
         load_training_state(self, directory)
 

@@ -324,19 +324,12 @@ def available_device_memory(world_size: int = 1, device: str | None = None) -> t
     return int(psutil.virtual_memory().available // max(1, world_size)), "cpu"
 
 
-def memory_problems(cfg: TrainingSpec, model_path: str, device_memory: int | str | None = None,
-                    field_prefix: str = "") -> list[str]:
-    """For a training preflight that collects every problem: [] when `cfg` is predicted to fit.
-
-    `cfg` is a job config: a TrainingSpec with `num_workers` and `device_memory` (FinetuneConfig);
-    a bare TrainingSpec is checked as one worker with this host's memory.
-    Device memory: the argument, else `cfg.device_memory` when set ("24GiB"), else what this
-    host has (free CUDA memory, or available RAM / num_workers).
-    """
-    # The finetune preflight passes its whole config; these two fields are the job's, not the spec's.
-    world: int = getattr(cfg, "num_workers", 1)
-    if device_memory is None:
-        device_memory = getattr(cfg, "device_memory", None)
+def memory_problems(cfg: TrainingSpec, model_path: str, *, num_workers: int = 1,
+                    device_memory: int | str | None = None, field_prefix: str = "") -> list[str]:
+    """For a training preflight that collects every problem: [] when `cfg` is predicted to fit
+    on each of `num_workers` devices of `device_memory` ("24GiB"; None: what this host has, free
+    CUDA memory or available RAM / num_workers)."""
+    world = num_workers
     if device_memory is None:
         memory, device = available_device_memory(world)
     else:

@@ -1,7 +1,7 @@
 """`TrainingSpec`: everything one training run needs, typed once.
 
 What a `TrainingSession` (frugalray.train.loop) builds and runs, and what the memory planner
-(frugalray.train.memory) sizes: the method and its LoRA settings, the optimizer and schedule, the
+(frugalray.train.memory_plan) sizes: the method and its LoRA settings, the optimizer and schedule, the
 batch, the sequence length, the compute dtype and the device. `FinetuneConfig` is a TrainingSpec
 plus where the data and workers are; a sweep trial is a TrainingSpec with the searched values set;
 the curation proxies (`AutoSettings.proxy`, `DynamicsSettings.proxy`) each hold one.

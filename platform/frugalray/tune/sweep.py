@@ -6,7 +6,7 @@
 
 Each trial runs the finetune training loop in-process (`TrainingSession`) on its own
 `FinetuneConfig`: the finetune section with the searched values set (`trial_spec`). Before each
-chunk of `steps_per_report` steps it reserves, from one shared `FlopBudget` actor, an
+chunk of `steps_per_report` steps it reserves, from one shared `SweepFlopBudget` actor, an
 upper bound of that chunk's FLOPs plus the evaluation after it; when the reservation is
 refused (or only partly granted), the trial stops and says so (`stopped_by_cap`). After the
 chunk it settles: the real FLOPs stay charged and the unspent part of the hold goes back.
@@ -44,8 +44,27 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from frugalray.config import ConfigError, StrictModel
-from frugalray.train.finetune import FinetuneConfig
+from frugalray.budget.flops import train_flops_per_token
+from frugalray.budget.ledger import ComputeLedger
+from frugalray.config import ConfigError, StrictModel, parse_config
+from frugalray.models import model_shape
+from frugalray.ray_utils import init_ray
+from frugalray.train.finetune import FinetuneConfig, preflight_finetune
+from frugalray.train.loop import (
+    TrainingSession,
+    default_threads,
+    eval_flops_upper_bound,
+    train_step_flops_upper_bound,
+)
+from frugalray.tune.budget import create_flop_budget
+from frugalray.tune.ladder import (
+    ChunkRecord,
+    LadderReport,
+    budget_ladder,
+    winner_changes,
+    write_ladder_report,
+)
+from frugalray.tune.scaling import fit_scaling
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +211,6 @@ def trial_spec(base: FinetuneConfig, searched: dict[str, Any], **values: Any) ->
 
 def trial_cost_bounds(cfg: FinetuneConfig, shape, eval_rows: int) -> tuple[float, float]:
     """(upper bound of one training step, upper bound of one evaluation) for a trial config."""
-    from frugalray.train.loop import eval_flops_upper_bound, train_step_flops_upper_bound
 
     lora = shape.lora_params(cfg.lora_rank, cfg.target_modules)
     # A step is grad_accum_steps micro-batches, each recomputing its forward under checkpointing:
@@ -205,8 +223,6 @@ def trial_cost_bounds(cfg: FinetuneConfig, shape, eval_rows: int) -> tuple[float
 
 def preflight_sweep(cfg: SweepConfig):
     """Check everything that can be checked before Ray; returns (PreparedData, shape, min trial FLOPs)."""
-    from frugalray.models import model_shape
-    from frugalray.train.finetune import preflight_finetune
 
     problems: list[str] = []
     variants = []
@@ -307,8 +323,6 @@ def sweep_trial(
     import ray
     from ray import tune
 
-    from frugalray.models import model_shape
-    from frugalray.train.loop import TrainingSession
 
     # `base` crossed to the trial as JSON: re-validated at the door. The trial's LR schedule
     # (warmup, decay) spans the trial's own length.
@@ -440,7 +454,6 @@ def _sweep_state(run_dir: Path) -> dict:
 
 def resume_sweep(run_dir: str | Path, ledger=None, flop_caps: list[float] | None = None) -> SweepResult:
     """Continue a sweep whose driver died: same config, same Tune experiment, the budget rebuilt from its journal."""
-    from frugalray.config import parse_config
 
     run_dir = Path(run_dir).resolve()
     state = _sweep_state(run_dir)
@@ -454,7 +467,6 @@ def resume_sweep(run_dir: str | Path, ledger=None, flop_caps: list[float] | None
 def _trainable(cfg: SweepConfig, data, budget_name: str):
     from ray import tune
 
-    from frugalray.train.loop import default_threads
 
     return tune.with_resources(
         tune.with_parameters(
@@ -493,7 +505,6 @@ def _trial_histories(grid, cfg: SweepConfig) -> list[dict]:
 
 def _chunk_records(histories: list[dict]):
     """The histories as ladder ChunkRecords, plus (flops, tokens, metric) points for the scaling fit."""
-    from frugalray.tune.ladder import ChunkRecord
 
     chunks, points = [], []
     for h in histories:
@@ -514,9 +525,6 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path, ledger=None, resume: bool =
     import ray
     from ray import tune
 
-    from frugalray.budget.ledger import ComputeLedger
-    from frugalray.ray_utils import init_ray
-    from frugalray.tune.budget import create_flop_budget
 
     started = time.time()
     run_dir = Path(run_dir).resolve()
@@ -673,9 +681,6 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path, ledger=None, resume: bool =
 
 def _write_reports(cfg: SweepConfig, grid, shape, result: SweepResult, run_dir: Path, resumed: bool) -> None:
     """scaling.json always; ladder.json/.md/.png with flop_caps. Attached to `result`."""
-    from frugalray.budget.flops import train_flops_per_token
-    from frugalray.tune.ladder import LadderReport, budget_ladder, winner_changes, write_ladder_report
-    from frugalray.tune.scaling import fit_scaling
 
     result.histories = _trial_histories(grid, cfg)
     (run_dir / "histories.json").write_text(json.dumps(result.histories, default=str) + "\n")

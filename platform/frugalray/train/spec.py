@@ -27,37 +27,37 @@ Device = Literal["auto", "cpu", "cuda"]
 
 
 class TrainingSpec(StrictModel):
-    # full: every weight trains; lora: fp32 base + LoRA; qlora: NF4 4-bit base (double quant) + LoRA.
-    method: Method = "qlora"
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0)
+    # The descriptions are what `frugalray finetune --help` prints for each key.
+    method: Method = Field("qlora", description=(
+        "full: every weight trains; lora: fp32 base + LoRA; qlora: NF4 4-bit base (double quant) + LoRA"))
+    lora_rank: int = Field(8, ge=1, description="LoRA rank r")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (the update is scaled by alpha / r)")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = "all-linear"
-    # Matmul dtype. auto: bfloat16 where matmuls are native in bf16 (CUDA, AVX512-BF16, AMX),
-    # else float32: on an AVX2-only CPU bf16 compute made each step ~27x slower. An explicit
-    # value is what runs, on any machine.
-    compute_dtype: ComputeDtype = "auto"
-    # adamw (torch), adamw_8bit (bitsandbytes 8-bit states), paged_adamw (bitsandbytes; CUDA only).
-    optimizer: Optimizer = "adamw"
+    target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = Field(
+        "all-linear", description="modules that get LoRA: all-linear, or names such as [q_proj, v_proj]")
+    # On an AVX2-only CPU bf16 compute made each step ~27x slower, hence auto.
+    compute_dtype: ComputeDtype = Field("auto", description=(
+        "matmul dtype; auto: bfloat16 where it is native (CUDA, AVX512-BF16, AMX), else float32; "
+        "an explicit value is what runs, on any machine"))
+    optimizer: Optimizer = Field("adamw", description=(
+        "adamw (torch), adamw_8bit (bitsandbytes 8-bit states), paged_adamw (bitsandbytes; CUDA only)"))
     learning_rate: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0.0)
-    lr_scheduler: Schedule = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    # Clip the global gradient norm before each update (HF Trainer's default 1.0); None: no clipping.
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    max_steps: int = Field(20, ge=1)
+    lr_scheduler: Schedule = Field("constant", description="LR after warmup: constant, linear or cosine decay to 0")
+    warmup_steps: int = Field(0, ge=0, description="steps of linear LR warmup")
+    max_grad_norm: float | None = Field(1.0, gt=0, description=(
+        "clip the global gradient norm before each update (HF Trainer's default 1.0); null: no clipping"))
+    max_steps: int = Field(20, ge=1, description="optimizer steps")
     batch_size: int = Field(4, ge=1, description="rows per worker per micro-batch")
-    # Micro-batches per optimizer step: global batch = batch_size x grad_accum_steps x num_workers.
-    grad_accum_steps: int = Field(1, ge=1)
-    gradient_checkpointing: bool = False
-    seq_len: int = Field(128, ge=8, le=8192)
-    # shuffle: a seeded permutation per epoch; as_given: the file's order (e.g. select's curriculum).
-    data_order: Literal["shuffle", "as_given"] = "shuffle"
-    # Put rows of similar length in the same micro-batch (less padding).
-    length_bucketing: bool = False
-    # auto: GPUs when the cluster has one per worker, else CPU.
-    device: Device = "auto"
-    seed: int = 0
+    grad_accum_steps: int = Field(1, ge=1, description=(
+        "micro-batches per optimizer step: global batch = batch_size x grad_accum_steps x num_workers"))
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory, slower)")
+    seq_len: int = Field(128, ge=8, le=8192, description="tokens per row; longer rows are truncated")
+    data_order: Literal["shuffle", "as_given"] = Field("shuffle", description=(
+        "shuffle: a seeded permutation per epoch; as_given: the file's order (e.g. select's curriculum)"))
+    length_bucketing: bool = Field(False, description="put rows of similar length in one micro-batch (less padding)")
+    device: Device = Field("auto", description="auto: GPUs when the cluster has one per worker, else CPU")
+    seed: int = Field(0, description="model init, data order and dropout")
 
     def training_spec(self) -> TrainingSpec:
         """Just the training fields (a subclass such as FinetuneConfig carries more)."""

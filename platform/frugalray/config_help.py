@@ -75,6 +75,11 @@ def yaml_value(value: Any) -> str:
 
 
 def default_text(field: FieldInfo) -> str:
+    """`required`, `default <value>`, or the field's own words for what applies when it is left out
+    (`json_schema_extra={"default_text": ...}`, e.g. a pipeline section's `default: the pipeline's model`)."""
+    extra = field.json_schema_extra
+    if isinstance(extra, dict) and isinstance(extra.get("default_text"), str):
+        return extra["default_text"]
     if field.is_required():
         return "required"
     try:

@@ -16,15 +16,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable
+from itertools import accumulate
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import BaseModel, Field, FieldSerializationInfo, create_model, field_serializer
 
 from frugalray.budget.ledger import LEDGER_FILE, ComputeLedger
-from frugalray.config import ConfigError, StrictModel, parse_config
-from frugalray.data.score import ScoreConfig, run_score
-from frugalray.data.select import SelectConfig, run_select
+from frugalray.config import ConfigError, StrictModel, apply_overrides, parse_config, read_yaml
+from frugalray.data.score import ScoreConfig, ScoreResult, run_score
+from frugalray.data.select import SelectConfig, SelectResult, run_select
 from frugalray.examples.generate import (
     GenerateConfig,
     generate_tasks,
@@ -39,13 +41,86 @@ from frugalray.serve.app import deploy, shutdown_app
 from frugalray.serve.client import evaluate
 from frugalray.serve.config import ServeConfig, resolve_api_key
 from frugalray.stats import paired_difference
-from frugalray.train.finetune import FinetuneConfig, run_finetune
-from frugalray.tune.sweep import SweepConfig, run_sweep, trial_configs, trial_cost_bounds, trial_spec
+from frugalray.train.finetune import FinetuneConfig, FinetuneResult, run_finetune
+from frugalray.tune.sweep import (
+    SweepConfig,
+    SweepResult,
+    run_sweep,
+    trial_configs,
+    trial_cost_bounds,
+    trial_spec,
+)
 
 log = logging.getLogger(__name__)
 
 
+# -- stage sections --------------------------------------------------------------------------------
+
+
+class StageSection(StrictModel):
+    """A stage's config as a section of the pipeline's: the stage's keys less the paths the pipeline
+    wires. A key the config leaves out stays unset, so the stage's default (or the pipeline's value,
+    e.g. its `model`) applies when the section is merged with the wired paths."""
+
+    def written(self) -> dict[str, Any]:
+        """The keys the config wrote (nested sections likewise): what is merged over the pipeline's values."""
+        return self.model_dump(exclude_unset=True)
+
+
+def section_of(config: type[BaseModel], doc: str, wired: Iterable[str] = (), unset_means: dict[str, str] | None = None,
+               nested: dict[str, type[StageSection]] | None = None) -> type[StageSection]:
+    """`config`'s fields as a `StageSection`, less `wired`; each keeps its type, constraints, default
+    and description, so the section cannot drift from the stage. A field the stage requires may be
+    left out here: the stage's own validation, after the merge, asks for it (or derives it, as the
+    sweep's flop_cap from flop_caps).
+
+    unset_means: field -> what applies when the section leaves it out, shown by `--help` in place of
+    the stage's default. nested: field -> the section that replaces its nested config."""
+    unset_means, nested = unset_means or {}, nested or {}
+    fields: dict[str, Any] = {}
+    for name, field in config.model_fields.items():
+        if name in wired:
+            continue
+        if name in nested:
+            fields[name] = (nested[name], Field(default_factory=nested[name], description=field.description))
+            continue
+        help_default = unset_means.get(name, "required" if field.is_required() else None)
+        extra = {"json_schema_extra": {"default_text": help_default}} if help_default else {}
+        if field.is_required():
+            fields[name] = (Annotated[field.annotation | None, field], Field(None, **extra))
+        else:
+            fields[name] = (Annotated[field.annotation, field], Field(**extra))
+    name = config.__name__.removesuffix("Config") + "Section"
+    return create_model(name, __base__=StageSection, __doc__=doc, __module__=__name__, **fields)
+
+
+FROM_PIPELINE = {"model": "default: the pipeline's model"}
+FINETUNE_WIRED = ("data_path", "eval_path")
+
+GenerateSection = section_of(GenerateConfig, "`frugalray generate`'s keys; output_path is the pipeline's.",
+                             wired=("output_path",))
+ScoreSection = section_of(ScoreConfig, "`frugalray score`'s keys; input_path and output_path are the pipeline's.",
+                          wired=("input_path", "output_path"), unset_means=FROM_PIPELINE)
+SelectSection = section_of(SelectConfig, "`frugalray select`'s keys; input_path and output_path are the pipeline's.",
+                           wired=("input_path", "output_path"))
+FinetuneSection = section_of(FinetuneConfig, "`frugalray finetune`'s keys; data_path (the selected rows) and "
+                             "eval_path (the validation rows) are the pipeline's.",
+                             wired=FINETUNE_WIRED, unset_means=FROM_PIPELINE)
+SweepFinetuneSection = section_of(
+    FinetuneConfig, "The finetune section, with these changes for the sweep's trials.", wired=FINETUNE_WIRED,
+    unset_means={k: "default: the finetune section's" for k in FinetuneConfig.model_fields})
+SweepSection = section_of(SweepConfig, "`frugalray sweep`'s keys; its finetune is the finetune section's.",
+                          nested={"finetune": SweepFinetuneSection})
+ServeSection = section_of(ServeConfig, "`frugalray serve`'s keys; the pipeline adds the fine-tuned adapter.",
+                          unset_means=FROM_PIPELINE)
+
+
+# -- config ----------------------------------------------------------------------------------------
+
+
 class HeldoutConfig(StrictModel):
+    """Clean held-out tasks, never trained on: paired accuracy before/after fine-tuning."""
+
     n_rows: int = Field(200, ge=1, description="clean held-out tasks for accuracy before/after fine-tuning")
     seed: int = 10_000
     max_tokens: int = Field(16, ge=1, description="completion tokens per held-out answer (greedy)")
@@ -57,23 +132,49 @@ class HeldoutConfig(StrictModel):
 
 
 class QueryConfig(StrictModel):
+    """A few held-out questions asked at the end with a sample budget (majority vote)."""
+
     n_prompts: int = Field(4, ge=0, description="held-out prompts asked with a sample budget at the end")
     max_samples: int = Field(4, ge=1, description="compute_budget.max_samples per budgeted query")
     max_tokens: int = Field(16, ge=1)
 
 
+SECTIONS = ("generate", "score", "select", "finetune", "sweep", "serve")
+
+
 class PipelineConfig(StrictModel):
     run_dir: str = "runs/pipeline"
     model: str = DEFAULT_MODEL
-    # Sections are the stage configs minus the paths the pipeline wires together.
-    generate: dict[str, Any] = Field(default_factory=dict)
+    generate: GenerateSection = Field(default_factory=GenerateSection)
     heldout: HeldoutConfig = Field(default_factory=HeldoutConfig)
-    score: dict[str, Any] = Field(default_factory=dict)
-    select: dict[str, Any] = Field(default_factory=dict)
-    finetune: dict[str, Any] = Field(default_factory=dict)
-    sweep: dict[str, Any] = Field(default_factory=dict)
-    serve: dict[str, Any] = Field(default_factory=dict)
+    score: ScoreSection = Field(default_factory=ScoreSection)
+    select: SelectSection = Field(default_factory=SelectSection)
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
+    sweep: SweepSection = Field(default_factory=SweepSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
     query: QueryConfig = Field(default_factory=QueryConfig)
+
+    @field_serializer(*SECTIONS)
+    def _as_written(self, section: StageSection, info: FieldSerializationInfo) -> dict[str, Any]:
+        # A stage section dumps (to pipeline_config.json) only the keys the config wrote: the rest
+        # are decided when the section is merged with the wired paths, not here.
+        return section.model_dump(mode=info.mode, exclude_unset=True)
+
+
+def load_pipeline_config(path: str, overrides: list[str]) -> PipelineConfig:
+    """The pipeline's config from YAML plus KEY=VALUE overrides (the registry's loader for `pipeline`).
+
+    The sections are checked as the config is parsed, the model only by `StagePlan`; so when the
+    parse fails, the model's problem (if any) is named with the sections' problems, all at once."""
+    data = apply_overrides(read_yaml(path), overrides)
+    try:
+        return parse_config(PipelineConfig, data, path)
+    except ConfigError as err:
+        try:
+            resolve_model(str(data.get("model", DEFAULT_MODEL)), field="model", prepare=False)
+        except ConfigError as bad:
+            raise ConfigError([*err.problems, *bad.problems], path) from None
+        raise
 
 
 class StagePlan:
@@ -96,18 +197,18 @@ class StagePlan:
                 problems.extend(f"{section}.{p}" for p in err.problems)
                 return None
 
-        self.generate = stage("generate", GenerateConfig, {**cfg.generate, "output_path": str(self.tasks_path)})
+        self.generate = stage("generate", GenerateConfig, {**cfg.generate.written(), "output_path": str(self.tasks_path)})
         self.score = stage("score", ScoreConfig, {
-            "model": cfg.model, **cfg.score,
+            "model": cfg.model, **cfg.score.written(),
             "input_path": str(self.tasks_path), "output_path": str(self.scored_path),
         })
         self.select = stage("select", SelectConfig, {
-            **cfg.select, "input_path": str(self.scored_path), "output_path": str(self.selected_path),
+            **cfg.select.written(), "input_path": str(self.scored_path), "output_path": str(self.selected_path),
         })
-        finetune = {"model": cfg.model, **cfg.finetune,
+        finetune = {"model": cfg.model, **cfg.finetune.written(),
                     "data_path": str(self.selected_path), "eval_path": str(self.validation_path)}
         self.finetune = stage("finetune", FinetuneConfig, finetune)
-        sweep = dict(cfg.sweep)
+        sweep = cfg.sweep.written()
         sweep["finetune"] = {**finetune, **sweep.get("finetune", {})}
         self.sweep = stage("sweep", SweepConfig, sweep)
         if self.sweep is not None and self.finetune is not None and self.sweep.finetune.method != self.finetune.method:
@@ -115,7 +216,7 @@ class StagePlan:
                 f"sweep.finetune.method: '{self.sweep.finetune.method}' but finetune.method is "
                 f"'{self.finetune.method}'; the served adapter is trained with the sweep's winning recipe, "
                 "so the sweep must search the same method (drop sweep.finetune.method)")
-        self.serve = stage("serve", ServeConfig, {"model": cfg.model, **cfg.serve})
+        self.serve = stage("serve", ServeConfig, {"model": cfg.model, **cfg.serve.written()})
         try:
             model_path = resolve_model(cfg.model, field="model")
         except ConfigError as err:
@@ -236,7 +337,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path | None = None, address
     # 6. serve base + adapter; held-out accuracy before/after; budgeted queries
     bar.set_description("pipeline: serve")
     adapter_name = "finetuned"
-    serve_cfg = plan.serve_with_adapter(adapter_name, str(ft.adapter_path))
+    serve_cfg = plan.serve_with_adapter(adapter_name, ft.adapter_path)
     api_key = resolve_api_key(serve_cfg)  # from api_key or the environment variable api_key_env
     t0 = time.time()
     base_url = deploy(serve_cfg)
@@ -287,26 +388,25 @@ RECIPE_FIELDS = ("method", "learning_rate", "lora_rank", "lora_alpha", "max_step
                  "warmup_steps", "max_grad_norm", "compute_dtype")
 
 
-def served_recipe(finetune_cfg: Any, sweep: Any) -> dict[str, Any]:
+def served_recipe(finetune_cfg: FinetuneConfig, sweep: SweepResult) -> dict[str, Any]:
     """What the served adapter is trained with, and why (the sweep's winner, or the config's own recipe)."""
-    recipe = {k: _get(finetune_cfg, k) for k in RECIPE_FIELDS}
-    best = _get(sweep, "best_config")
-    metric = _get(sweep, "metric", "eval_loss")
-    trials = [t for t in (_get(sweep, "trials", None) or []) if _get(t, "metric") is not None]
+    recipe = {k: getattr(finetune_cfg, k) for k in RECIPE_FIELDS}
+    best, metric = sweep.best_config, sweep.metric
+    trials = [t for t in sweep.trials if t.metric is not None]
     if not best:
         recipe.update(source="config", why=f"the sweep found no trial with a finite {metric}; "
                                              "trained with the finetune section's recipe")
         return recipe
     chosen = ", ".join(f"{k}={v}" for k, v in best.items())
-    others = "; ".join(f"{', '.join(f'{k}={v}' for k, v in _get(t, 'config').items())}: {_get(t, 'metric'):.4f}"
-                       for t in trials if _get(t, "config") != best)
+    others = "; ".join(f"{', '.join(f'{k}={v}' for k, v in t.config.items())}: {t.metric:.4f}"
+                       for t in trials if t.config != best)
     recipe.update(source="sweep winner", why=(
-        f"the sweep's winner ({chosen}: final {metric} {_get(sweep, 'best_metric'):.4f}, the best of {len(trials)} "
+        f"the sweep's winner ({chosen}: final {metric} {sweep.best_metric:.4f}, the best of {len(trials)} "
         f"trials{'; ' + others if others else ''}), trained for {recipe['max_steps']} steps"))
     return recipe
 
 
-def finetune_verdict(paired: Any, min_gain_points: float | None, ft: Any) -> dict[str, Any]:
+def finetune_verdict(paired: Any, min_gain_points: float | None, ft: FinetuneResult) -> dict[str, Any]:
     """Did fine-tuning help? `paired` is the fine-tuned-minus-base PairedDifference on the same questions.
 
     helped: the 95% interval lies above zero (and the gain reaches `min_gain_points` when set).
@@ -314,8 +414,8 @@ def finetune_verdict(paired: Any, min_gain_points: float | None, ft: Any) -> dic
     gain = 100 * paired.diff
     significant = paired.ci_low > 0
     helped = significant and (min_gain_points is None or gain >= min_gain_points)
-    first, last = _get(ft, "first_loss"), _get(ft, "final_loss")
-    before, after = _get(ft, "eval_loss_before"), _get(ft, "eval_loss_after")
+    first, last = ft.first_loss, ft.final_loss
+    before, after = ft.eval_loss_before, ft.eval_loss_after
     if helped:
         line = f"fine-tuning helped: {paired.describe()}"
         cause = None
@@ -351,31 +451,26 @@ def _correct(evaluation: Any) -> list[bool]:
     return [a is not None and a == g for a, g in zip(evaluation.answers, evaluation.gold)]
 
 
-def _get(obj: Any, name: str, default: Any = None) -> Any:
-    return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
+def finetune_curve(ft: FinetuneResult) -> dict[str, Any] | None:
+    """Train loss against cumulative training FLOPs, for the report's loss-vs-FLOPs plot.
 
-
-def finetune_curve(ft: Any) -> dict[str, Any] | None:
-    """Train loss against cumulative training FLOPs, for the report's loss-vs-FLOPs plot."""
-    losses = list(_get(ft, "losses", None) or [])
+    A finetune result carries its training FLOPs only as a total, so every step is charged the mean
+    (`flops_source` says so)."""
+    losses = list(ft.losses)
     if not losses:
         return None
-    step_flops = list(_get(ft, "step_flops", None) or [])
-    if len(step_flops) != len(losses):
-        # Older results carry only the total: spread it evenly and say so in the curve.
-        step_flops = [float(_get(ft, "train_flops", 0.0)) / len(losses)] * len(losses)
-        source = "mean per step"
-    else:
-        source = "per step"
-    cumulative, total = [], 0.0
-    for flops in step_flops:
-        total += float(flops)
-        cumulative.append(total)
-    return {"loss": losses, "flops": cumulative, "flops_source": source}
+    mean = ft.train_flops / len(losses)
+    return {"loss": losses, "flops": list(accumulate([mean] * len(losses))), "flops_source": "mean per step"}
 
 
 def build_summary(results: dict[str, Any], ledger, wall_s: float, min_gain_points: float | None = None) -> dict[str, Any]:
-    sel, ft, sw, sv = results["select"], results["finetune"], results["sweep"], results["serve"]
+    """The run's summary (summary.json) from `results`: the stages' result models under score, select,
+    sweep and finetune; the pipeline's own dicts under generate, serve and served_recipe."""
+    score: ScoreResult = results["score"]
+    sel: SelectResult = results["select"]
+    sw: SweepResult = results["sweep"]
+    ft: FinetuneResult = results["finetune"]
+    sv = results["serve"]
     # The verdict compares with the base at its best: as asked, or told to reply with only the number.
     told = sv.get("before_told")
     base = told if told is not None and told.correct > sv["before"].correct else sv["before"]
@@ -383,10 +478,10 @@ def build_summary(results: dict[str, Any], ledger, wall_s: float, min_gain_point
     verdict = finetune_verdict(paired, min_gain_points, ft)
     per_stage = ledger.totals_by_stage()
     stage_flops = {
-        "score": _get(results["score"], "flops", 0.0),
+        "score": score.flops,
         "select": 0.0,
-        "finetune": _get(ft, "flops", 0.0),
-        "sweep": _get(sw, "flops_spent", 0.0),
+        "finetune": ft.flops,
+        "sweep": sw.flops_spent,
         "serve": sv["flops"],
     }
     mismatched = {
@@ -401,15 +496,15 @@ def build_summary(results: dict[str, Any], ledger, wall_s: float, min_gain_point
             served_answers.append({"prompt": row["instruction"], "answer": answer, "gold": row["answer"]})
     return {
         "wall_s": round(wall_s, 1),
-        "rows_in": _get(sel, "rows_in"),
-        "rows_kept": _get(sel, "kept"),
-        "rows_dropped": _get(sel, "dropped"),
-        "rows_quarantined": _get(results["score"], "rows_quarantined", 0),
+        "rows_in": sel.rows_in,
+        "rows_kept": sel.kept,
+        "rows_dropped": sel.dropped,
+        "rows_quarantined": score.rows_quarantined,
         "noisy_rows_generated": results["generate"]["noisy_rows"],
-        "train_loss_first": _get(ft, "first_loss"),
-        "train_loss_final": _get(ft, "final_loss"),
-        "eval_loss_before": _get(ft, "eval_loss_before"),
-        "eval_loss_after": _get(ft, "eval_loss_after"),
+        "train_loss_first": ft.first_loss,
+        "train_loss_final": ft.final_loss,
+        "eval_loss_before": ft.eval_loss_before,
+        "eval_loss_after": ft.eval_loss_after,
         "heldout_accuracy_before": sv["before"].accuracy,
         "heldout_accuracy_before_told": told.accuracy if told is not None else None,
         "verdict_base": "told 'Reply with only the number.'" if base is told else "as asked",
@@ -418,14 +513,14 @@ def build_summary(results: dict[str, Any], ledger, wall_s: float, min_gain_point
         "heldout_paired": paired.as_dict(),
         "verdict": verdict,
         "served_recipe": results.get("served_recipe"),
-        "quantization": _get(ft, "quantization"),
-        "sweep_best_config": _get(sw, "best_config"),
-        "sweep_best_metric": _get(sw, "best_metric"),
-        "sweep_flops_spent": _get(sw, "flops_spent"),
-        "sweep_flop_cap": _get(sw, "flop_cap"),
+        "quantization": ft.quantization,
+        "sweep_best_config": sw.best_config,
+        "sweep_best_metric": sw.best_metric,
+        "sweep_flops_spent": sw.flops_spent,
+        "sweep_flop_cap": sw.flop_cap,
         "served_answers": served_answers,
         "served_usage": budgeted.usage if budgeted is not None else {},
-        "adapter_path": str(_get(ft, "adapter_path")),
+        "adapter_path": ft.adapter_path,
         "finetune_curve": finetune_curve(ft),
         "ledger_by_stage": per_stage,
         "ledger_total_flops": ledger.total_flops(),

@@ -145,7 +145,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           submit=False),
     Stage("pipeline", "generate -> score -> select -> sweep -> finetune (sweep winner) -> serve-and-query",
           config="frugalray.pipeline:PipelineConfig", run="frugalray.pipeline:run_pipeline",
-          script="jobs/pipeline.py", example_config="jobs/configs/pipeline.yaml", nests_stages=True),
+          script="jobs/pipeline.py", example_config="jobs/configs/pipeline.yaml", nests_stages=True,
+          loader="frugalray.pipeline:load_pipeline_config"),
 )}
 
 
@@ -189,9 +190,7 @@ def config_help(stage: Stage) -> str:
     cls = stage.config_class()
     text = render_config_help(cls, f"{stage.example_config} keys ({cls.__name__}; unknown keys are errors):")
     if stage.nests_stages:
-        sections = [f for f in cls.model_fields if f in STAGES]
-        text += (f"\nThe {', '.join(sections)} sections take the keys of that stage's config (see `frugalray "
-                 "<stage> --help`); the pipeline sets the paths that connect the stages.\n")
+        text += "\nThe pipeline sets the paths that connect the stages; a section names only the rest.\n"
     return text
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from frugalray.config import StrictModel
 from frugalray.config_help import field_rows, render_config_help, type_name
-from pydantic import Field
 
 
 class Inner(StrictModel):
@@ -73,3 +74,10 @@ def test_render_follows_the_class_so_it_cannot_drift():
     text = render_config_help(Grown)
     assert text.startswith("config keys (Grown; unknown keys are errors):\n")
     assert "  added: bool  (default true)\n      a new key\n" in text
+
+
+def test_a_field_may_say_what_applies_when_it_is_left_out():
+    class Section(StrictModel):
+        model: str = Field("m", json_schema_extra={"default_text": "default: the pipeline's model"})
+
+    assert render_config_help(Section, "keys:") == "keys:\n  model: str  (default: the pipeline's model)\n"

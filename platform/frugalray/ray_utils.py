@@ -44,3 +44,50 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         log.info("starting a local Ray cluster with %d logical CPUs", cpus)
         # address="local": always a fresh cluster, never silently another user's one on this machine.
         ray.init(address="local", num_cpus=cpus, runtime_env=runtime_env, include_dashboard=False)
+
+
+def wait_for_placement(placement, *, timeout_s: float, strategy: str = "PACK", probe: bool = True):
+    """Reserve `placement`'s workers in a placement group (the autoscaler launches what is missing), saying
+    so every few seconds, and refuse after `timeout_s` instead of hanging. With `probe`, run
+    `devices.probe_local_devices` in the first bundle: the target node's devices, as it sees them.
+
+    Returns that node's `LocalDevices` (None without `probe`). The group is removed before returning;
+    the nodes it brought stay up for the autoscaler's idle timeout, long enough for the stage to start.
+    """
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from frugalray.devices import probe_local_devices
+
+    bundles = [placement.ray_resources() for _ in range(placement.count)]
+    group = placement_group(bundles, strategy=strategy, name=f"frugalray-{placement.stage}-capacity")
+    started = time.time()
+    try:
+        while True:
+            ready, _ = ray.wait([group.ready()], timeout=min(10.0, timeout_s))
+            waited = time.time() - started
+            if ready:
+                break
+            if waited >= timeout_s:
+                raise TimeoutError(
+                    f"{placement.stage}: {placement.count} x {bundles[0]} not placed after {waited:.0f}s "
+                    f"({'the autoscaler has not added ' + placement.node_type if placement.node_type else 'no node freed them'}); "
+                    "check `ray status` for failed launches or quota, or raise capacity_timeout_s"
+                )
+            log.warning("%s: waiting for the autoscaler to add %d x %s%s (%.0fs of %.0fs)", placement.stage,
+                        placement.count, bundles[0], f" ({placement.node_type})" if placement.node_type else "",
+                        waited, timeout_s)
+        if waited > 1:
+            log.info("%s: resources placed after %.0fs", placement.stage, waited)
+        if not probe:
+            return None
+        remote = ray.remote(probe_local_devices).options(
+            **placement.remote_options(),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
+        )
+        return ray.get(remote.remote(), timeout=max(60.0, timeout_s))
+    finally:
+        remove_placement_group(group)

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "platform" / "frugalray"
 
 # Bottom to top. A unit may import units of its own layer or of lower ones, never higher.
 LAYERS: list[tuple[str, ...]] = [
-    ("config", "config_help", "paths", "stats", "budget"),  # typed configs (and their --help), paths, statistics, FLOPs, the ledger
+    ("config", "config_help", "paths", "stats", "budget", "devices"),  # typed configs (and their --help), paths, statistics, FLOPs, the ledger, hardware
     ("examples",),  # example I/O: loaders, formatting, built-in tasks, the answer rule
     ("models", "ray_utils"),  # finding and loading models; connecting to Ray
     ("train",),  # training sessions, Ray Train fine-tuning, FSDP, memory planning

@@ -8,13 +8,13 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from frugalray.config import ConfigError, load_config
+from frugalray.devices import cuda_available
 from frugalray.models import DEFAULT_MODEL, resolve_model
 from frugalray.train.finetune import FinetuneConfig
 from frugalray.train.memory_estimate import DEVICES, METHODS, OPTIMIZERS, estimate_memory, model_arch
 from frugalray.train.memory_plan import (
     available_device_memory,
     check_fits,
-    cuda_available,
     fmt_bytes,
     parse_bytes,
     plan_memory,

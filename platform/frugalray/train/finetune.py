@@ -28,15 +28,19 @@ from frugalray.budget.ledger import ComputeLedger
 from frugalray.config import ConfigError, StrictModel
 from frugalray.examples.formatting import IGNORE_INDEX, tokenize_example
 from frugalray.examples.loaders import FieldMapping, _columns, load_records, read_rows
-from frugalray.models import (
-    DEFAULT_MODEL,
-    has_fast_bf16,
-    load_causal_lm,
-    load_tokenizer,
-    model_shape,
-    resolve_model,
+from frugalray.devices import (
+    LocalDevices,
+    Placement,
+    cluster_devices,
+    cuda_missing,
+    local_devices,
+    require_cuda,
+    resolve_dtype,
+    resolve_placement,
+    target_fast_bf16,
 )
-from frugalray.ray_utils import init_ray
+from frugalray.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, model_shape, resolve_model
+from frugalray.ray_utils import init_ray, wait_for_placement
 from frugalray.train.checkpointing import ADAPTER_DIR as CKPT_ADAPTER_DIR
 from frugalray.train.checkpointing import FULL_MODEL_DIR, checkpoint_step, find_latest_checkpoint
 from frugalray.train.loop import TrainingSession
@@ -88,8 +92,11 @@ class FinetuneConfig(TrainingSpec):
     resume_from: str | None = None
     # Also write base + adapter merged into one HF model at run_dir/merged.
     export_merged: bool = False
-    # Memory per device the planner checks the config against ("24GiB"); None: what this host has.
+    # Memory per device the planner checks the config against ("24GiB"); None: what the target device has
+    # (the GPU node's memory, probed there, or its accelerator type's; this host's RAM on CPU).
     device_memory: str | None = None
+    # How long to wait for the cluster (its autoscaler) to provide the workers' resources before refusing.
+    capacity_timeout_s: float = Field(900.0, gt=0)
     # qlora: before training, score the eval rows with the 4-bit base and with the same base
     # unquantized (loaded once more, at compute_dtype), and log what quantization costs in eval loss.
     measure_quantization_error: bool = False
@@ -159,8 +166,13 @@ def split_eval(rows: list[dict], eval_rows: int, seed: int) -> tuple[list[dict],
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in order[:eval_rows]]
 
 
-def preflight_finetune(cfg: FinetuneConfig, field_prefix: str = "") -> PreparedData:
-    """Resolve the model and read the data, or raise one ConfigError listing every problem."""
+def preflight_finetune(cfg: FinetuneConfig, field_prefix: str = "", target: LocalDevices | None = None) -> PreparedData:
+    """Resolve the model and read the data, or raise one ConfigError listing every problem.
+
+    The device checks (4-bit kernels, optimizer, memory) run against `target`, the node the workers will
+    run on; None: this process, except that `device: cuda` asked from a machine without CUDA (a CPU head)
+    leaves them to `run_finetune`, which probes the GPU node once Ray placed it.
+    """
 
     problems: list[str] = []
     model_path = None
@@ -198,13 +210,10 @@ def preflight_finetune(cfg: FinetuneConfig, field_prefix: str = "") -> PreparedD
             problems.append(f"{field_prefix}data_path: '{cfg.data_path}' has no usable rows; check fields")
     if not problems and model_path is not None:
         problems += _check_seq_len(cfg, model_path, train_rows, field_prefix)
-    problems += option_problems(cfg, bnb_devices(), cuda_available(), field_prefix)
     problems += resume_problems(cfg, field_prefix)
-    if not problems and model_path is not None:
-        # The memory planner: refuse, before any worker starts, what is predicted not to fit.
-
-        problems += memory_problems(cfg, model_path, num_workers=cfg.num_workers,
-                                    device_memory=cfg.device_memory, field_prefix=field_prefix)
+    here = target or local_devices()
+    if target is not None or cfg.device != "cuda" or here.cuda:
+        problems += device_problems(cfg, here, model_path if not problems else None, field_prefix=field_prefix)
     if problems:
         raise ConfigError(problems)
     assert model_path is not None
@@ -230,35 +239,23 @@ def _check_seq_len(cfg: FinetuneConfig, model_path: str, rows: list[dict], field
 
 
 
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def bnb_devices() -> set[str]:
-    """Devices ('cpu', 'cuda', 'xpu') on which this bitsandbytes installation runs 4-bit layers.
-
-    bitsandbytes >= 0.46 runs on the CPU (torch-op kernels, plus its native CPU library when
-    present); a GPU needs its native library for that GPU (a mock stands in when it is missing).
-    """
-    try:
-        import torch
-        from bitsandbytes import cextension
-    except Exception:  # noqa: BLE001 - not installed or broken: no 4-bit anywhere
-        return set()
-    devices = {"cpu"}
-    native = not isinstance(getattr(cextension, "lib", None), cextension.ErrorHandlerMockBNBNativeLibrary)
-    backend = getattr(cextension, "BNB_BACKEND", "CPU")
-    if native and backend in ("CUDA", "ROCm") and torch.cuda.is_available():
-        devices.add("cuda")
-    if native and backend == "XPU":
-        devices.add("xpu")
-    return devices
-
-
 def target_device(device: str, cuda: bool) -> str:
     return "cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu"
+
+
+def device_problems(cfg: FinetuneConfig, node: LocalDevices, model_path: str | None, *,
+                    device_memory: int | None = None, field_prefix: str = "") -> list[str]:
+    """What cannot work on `node` (the target's devices): options it lacks kernels for, and, with a
+    model, a run the memory planner predicts not to fit (`cfg.device_memory`, else `device_memory`, else
+    what the node has)."""
+    problems = option_problems(cfg, set(node.four_bit), node.cuda, field_prefix)
+    if problems or model_path is None:
+        return problems
+    device = target_device(cfg.device, node.cuda)
+    memory = cfg.device_memory or device_memory
+    # The memory planner: refuse, before any worker starts, what is predicted not to fit.
+    return memory_problems(cfg, model_path, num_workers=cfg.num_workers, device_memory=memory,
+                           device=device, field_prefix=field_prefix)
 
 
 def option_problems(cfg: FinetuneConfig, four_bit_devices: set[str], cuda: bool, field_prefix: str = "") -> list[str]:
@@ -267,7 +264,7 @@ def option_problems(cfg: FinetuneConfig, four_bit_devices: set[str], cuda: bool,
     problems: list[str] = []
     device = target_device(cfg.device, cuda)
     if cfg.device == "cuda" and not cuda:
-        problems.append(f"{p}device: 'cuda' but this machine has no CUDA device; use 'cpu' or 'auto'")
+        problems.append(f"{p}device: 'cuda' but the node it runs on has no CUDA device; use 'cpu' or 'auto'")
     if cfg.method == "qlora" and device not in four_bit_devices:
         problems.append(
             f"{p}method: qlora needs bitsandbytes 4-bit kernels on {device}, which this installation lacks "
@@ -318,18 +315,6 @@ def resume_problems(cfg: FinetuneConfig, field_prefix: str = "") -> list[str]:
     return []
 
 
-def world_size_problems(num_workers: int, use_gpu: bool, cluster: dict[str, float], field_prefix: str = "") -> list[str]:
-    """A world size the cluster cannot place (pure; `cluster` is `ray.cluster_resources()`)."""
-    unit = "GPU" if use_gpu else "CPU"
-    have = int(cluster.get(unit, 0))
-    if num_workers > have:
-        return [
-            f"{field_prefix}num_workers: {num_workers} workers need {num_workers} {unit}s but the Ray cluster "
-            f"has {have}; lower num_workers or add nodes"
-        ]
-    return []
-
-
 def _append_jsonl(path: str, record: dict[str, Any]) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
@@ -353,6 +338,7 @@ def finetune_worker(config: dict[str, Any]) -> None:
     if config["use_gpu"]:
         import ray.train.torch
 
+        require_cuda(f"finetune worker {rank}", placed_for=config["resources_per_worker"])
         device = ray.train.torch.get_device()
     _import_model_code(config["model_path"], cfg.method)  # so the load growth below is weights, not code
     rss_before_load = _current_rss_mb()
@@ -490,6 +476,29 @@ def export_merged_model(model_path: str, adapter_path: str, out_dir: str | Path)
     return str(out_dir)
 
 
+def place_workers(cfg: FinetuneConfig, model_path: str) -> tuple[Placement, LocalDevices]:
+    """Decide the workers' device from the cluster and its autoscaler, wait until Ray can place them
+    (the autoscaler adds GPU nodes on demand), and check the config against the node they land on.
+
+    Returns the placement and the target node's devices (probed there for GPU or autoscaled workers;
+    this process's for CPU workers on the running nodes)."""
+    placement = resolve_placement(cfg.device, count=cfg.num_workers, cluster=cluster_devices(), stage="finetune",
+                                  accelerator=cfg.accelerator)
+    expected = resolve_dtype(cfg.compute_dtype, placement.device, fast_bf16=target_fast_bf16(placement))
+    log.info("%s (%s)", placement.describe(expected), placement.why)
+    if not (placement.use_gpu or placement.needs_autoscaler):
+        return placement, local_devices()
+    node = wait_for_placement(placement, timeout_s=cfg.capacity_timeout_s, strategy=cfg.placement_strategy)
+    if placement.use_gpu and not node.cuda:
+        raise cuda_missing("finetune", node, placement.ray_resources())
+    # A GPU probed on its node is all free before the job starts; its accelerator type's memory otherwise.
+    memory = node.cuda_memory_bytes if placement.use_gpu else None
+    problems = device_problems(cfg, node, model_path, device_memory=memory or placement.device_memory_bytes)
+    if problems:
+        raise ConfigError(problems)
+    return placement, node
+
+
 def run_finetune(cfg: FinetuneConfig, run_dir: str | Path, ledger=None) -> FinetuneResult:
     """Fine-tune with Ray Train; return the result and write `run_dir/adapter` + a ledger record."""
     import ray
@@ -501,21 +510,20 @@ def run_finetune(cfg: FinetuneConfig, run_dir: str | Path, ledger=None) -> Finet
     run_dir = Path(run_dir).resolve()
     data = preflight_finetune(cfg)
     init_ray()  # only after every check passed (a no-op when Ray is already up)
-    cluster = ray.cluster_resources()
-    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and cluster.get("GPU", 0) >= cfg.num_workers)
-    problems = world_size_problems(cfg.num_workers, use_gpu, cluster)
-    if problems:
-        raise ConfigError(problems)
+    placement, node = place_workers(cfg, data.model_path)
+    use_gpu = placement.use_gpu
+    dtype = resolve_dtype(cfg.compute_dtype, placement.device, fast_bf16=node.fast_bf16(placement.device))
     resume = find_latest_checkpoint(cfg.resume_from) if cfg.resume_from else None
     start_step = (checkpoint_step(resume) or 0) if resume else 0
-    if cfg.compute_dtype == "bfloat16" and not use_gpu and not has_fast_bf16():
-        log.warning("compute_dtype bfloat16 as asked, on a CPU without native bf16: it is emulated (a 4-bit "
-                    "step ran about 27x slower); compute_dtype 'auto' picks float32 here")
+    if cfg.compute_dtype == "bfloat16" and not node.fast_bf16(placement.device):
+        log.warning("compute_dtype bfloat16 as asked, on a %s without native bf16: it is emulated (a 4-bit "
+                    "step ran about 27x slower on CPU); compute_dtype 'auto' picks float32 there",
+                    placement.device.upper())
     run_dir.mkdir(parents=True, exist_ok=True)
     steps_path = run_dir / "steps.jsonl"
     log.info(
-        "finetune %s (%s, rank %d) on %d rows, %d eval rows, steps %d..%d x %d workers (%s)%s",
-        cfg.model, cfg.method, cfg.lora_rank, len(data.train_rows), len(data.eval_rows), start_step + 1,
+        "finetune %s (%s, rank %d, %s) on %d rows, %d eval rows, steps %d..%d x %d workers (%s)%s",
+        cfg.model, cfg.method, cfg.lora_rank, dtype, len(data.train_rows), len(data.eval_rows), start_step + 1,
         cfg.max_steps, cfg.num_workers, "FSDP2" if cfg.num_workers > 1 else "single worker",
         f", resuming from {resume}" if resume else "",
     )
@@ -527,12 +535,13 @@ def run_finetune(cfg: FinetuneConfig, run_dir: str | Path, ledger=None) -> Finet
             "train_rows": data.train_rows,
             "eval_rows": data.eval_rows,
             "use_gpu": use_gpu,
+            "resources_per_worker": placement.ray_resources(),
             "steps_path": str(steps_path),
             "resume_checkpoint": str(resume) if resume else None,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=use_gpu,
-            resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1},
+            resources_per_worker=placement.ray_resources(),
             placement_strategy=cfg.placement_strategy,
         ),
         run_config=RunConfig(

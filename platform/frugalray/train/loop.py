@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from frugalray.budget.flops import ModelShape, forward_flops_per_token, train_flops_per_token
+from frugalray.devices import has_fast_bf16
 from frugalray.examples.formatting import IGNORE_INDEX, pad_batch, tokenize_example
-from frugalray.models import has_fast_bf16, load_causal_lm, load_tokenizer, model_shape
+from frugalray.models import load_causal_lm, load_tokenizer, model_shape
 from frugalray.train.batching import BatchPlan
 from frugalray.train.checkpointing import load_training_state, save_training_state
 from frugalray.train.four_bit import keep_4bit_weights_unpacked, packed_4bit_layers

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from frugalray.config import ConfigError
+from frugalray.devices import cuda_available
 from frugalray.train.memory_estimate import (
     DEVICES,
     METHODS,
@@ -299,16 +300,6 @@ def check_fits(
     raise ConfigError([message])
 
 
-def cuda_available() -> bool:
-    """Whether torch is installed and sees a CUDA device (False without torch)."""
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:
-        return False
-
-
 def available_device_memory(world_size: int = 1, device: str | None = None) -> tuple[int, str]:
     """(bytes per device, device kind): CUDA free memory, or this host's available RAM / workers."""
     try:
@@ -325,15 +316,20 @@ def available_device_memory(world_size: int = 1, device: str | None = None) -> t
 
 
 def memory_problems(cfg: TrainingSpec, model_path: str, *, num_workers: int = 1,
-                    device_memory: int | str | None = None, field_prefix: str = "") -> list[str]:
+                    device_memory: int | str | None = None, device: str | None = None,
+                    field_prefix: str = "") -> list[str]:
     """For a training preflight that collects every problem: [] when `cfg` is predicted to fit
     on each of `num_workers` devices of `device_memory` ("24GiB"; None: what this host has, free
-    CUDA memory or available RAM / num_workers)."""
+    CUDA memory or available RAM / num_workers).
+
+    `device` ("cuda" / "cpu") picks the memory profile: say it when the job runs elsewhere than this
+    process (a GPU node the autoscaler adds); None: this process's device."""
     world = num_workers
     if device_memory is None:
-        memory, device = available_device_memory(world)
+        memory, found = available_device_memory(world, device)
+        device = device or found
     else:
-        memory, device = parse_bytes(device_memory), ("cuda" if cuda_available() else "cpu")
+        memory, device = parse_bytes(device_memory), (device or ("cuda" if cuda_available() else "cpu"))
     try:
         check_fits(cfg, memory, model_arch(model_path), num_workers=world, device=device, field_prefix=field_prefix)
     except ConfigError as err:

@@ -56,7 +56,11 @@ class TrainingSpec(StrictModel):
     data_order: Literal["shuffle", "as_given"] = Field("shuffle", description=(
         "shuffle: a seeded permutation per epoch; as_given: the file's order (e.g. select's curriculum)"))
     length_bucketing: bool = Field(False, description="put rows of similar length in one micro-batch (less padding)")
-    device: Device = Field("auto", description="auto: GPUs when the cluster has one per worker, else CPU")
+    device: Device = Field("auto", description=(
+        "auto: GPUs when the running nodes or the autoscaler's node types can give one per worker, else CPU; "
+        "cuda: GPUs (refused before launch when the cluster can never provide them)"))
+    accelerator: str | None = Field(None, description=(
+        "GPU model to ask Ray for (its accelerator_type, e.g. A10G, L4, A100-80G); null: any GPU"))
     seed: int = Field(0, description="model init, data order and dropout")
 
     def training_spec(self) -> TrainingSpec:

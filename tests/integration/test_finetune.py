@@ -107,3 +107,24 @@ def assert_vllm_loads_adapter(adapter_path: str, max_lora_rank: int) -> None:
     lora = LoRAModel.from_local_checkpoint(adapter_path, expected, helper, lora_model_id=1, device="cpu",
                                            dtype=torch.float32)
     assert len(lora.loras) == 30 * 7  # every adapted linear of every layer of the default model
+
+
+def test_cuda_on_a_cluster_that_can_never_provide_a_gpu_is_refused_before_launch(
+    ray_cluster, default_model_path, tmp_path, monkeypatch
+):
+    """The session's cluster: CPU nodes only and no autoscaler. `device: cuda` passes the driver's
+    preflight (a CPU head may submit GPU work) and is refused once the cluster is known, naming the field."""
+    from frugalray.config import ConfigError
+    from frugalray.train.finetune import preflight_finetune
+
+    monkeypatch.delenv("FRUGALRAY_AUTOSCALER_CONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/ray_bootstrap_config.yaml from a ray-up head
+    cfg = parse_config(FinetuneConfig, {"model": default_model_path, "data_path": write_sum_rows(tmp_path / "t.jsonl", 8),
+                                        "method": "lora", "max_steps": 1, "eval_rows": 0, "device": "cuda"})
+    preflight_finetune(cfg)  # no "this machine has no CUDA device": the GPU would be elsewhere
+    with pytest.raises(ConfigError) as err:
+        run_finetune(cfg, tmp_path / "run")
+    (problem,) = err.value.problems
+    assert problem.startswith("device: 'cuda' but neither the Ray cluster nor its autoscaler can provide a GPU"), problem
+    assert "autoscaler node types (no autoscaler seen)" in problem
+    assert not (tmp_path / "run").exists()  # nothing launched, nothing written

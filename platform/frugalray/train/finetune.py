@@ -96,7 +96,8 @@ class FinetuneConfig(TrainingSpec):
     # (the GPU node's memory, probed there, or its accelerator type's; this host's RAM on CPU).
     device_memory: str | None = None
     # How long to wait for the cluster (its autoscaler) to provide the workers' resources before refusing.
-    capacity_timeout_s: float = Field(900.0, gt=0)
+    capacity_timeout_s: float = Field(900.0, gt=0, description=(
+        "seconds to wait for the cluster (its autoscaler) to provide every worker's resources before refusing"))
     # qlora: before training, score the eval rows with the 4-bit base and with the same base
     # unquantized (loaded once more, at compute_dtype), and log what quantization costs in eval loss.
     measure_quantization_error: bool = False

@@ -11,10 +11,12 @@ Facts come from three places, each named in what is logged:
   * this process (`local_devices()`): CUDA devices, their bf16 support and memory, native bf16 on the
     CPU (AVX512-BF16/AMX), the devices bitsandbytes runs 4-bit layers on;
   * the running Ray nodes (`ray.nodes()`);
-  * the node types the autoscaler may still launch, as the head sees them: the `ClusterConfig` the
-    autoscaler (v2, KubeRay) reports to the GCS, else the autoscaling config file the head was started
-    with (`ray up` writes `~/ray_bootstrap_config.yaml`; `$FRUGALRAY_AUTOSCALER_CONFIG` names another).
-    Where a job can see neither, `device: cuda` (with `device_memory`, or `accelerator`) says what to ask for.
+  * the node types the autoscaler may still launch, as the head sees them: the GCS's autoscaler
+    `ClusterConfig` when one was reported (what Ray Data reads; in Ray 2.60 no Python autoscaler
+    writes it, so it is usually empty), else the autoscaling config file: `ray up` writes it to the
+    head as `~/ray_bootstrap_config.yaml`; `$FRUGALRAY_AUTOSCALER_CONFIG` names another (the KubeRay
+    manifests point it at jobs/kuberay/autoscaler_node_types.yaml). Where a job can see none of these,
+    `device: cuda` (with `device_memory`, or `accelerator`) says what to ask for.
 
 The decisions (`resolve_placement`, `resolve_dtype`) are pure functions of those facts. Checks that need
 the hardware itself run where the work was placed (`require_cuda`, called on the worker or engine).
@@ -370,28 +372,35 @@ def resolve_placement(
     field_prefix: str = "",
     device_field: str = "device",
     count_field: str = "num_workers",
+    accelerator_field: str = "accelerator",
 ) -> Placement:
     """Decide CPU or GPU for `count` workers and what each asks Ray for, or raise ConfigError naming the field.
 
-    auto: GPUs when the running nodes or the autoscaler's node types can hold one per worker, else CPU.
-    cuda: GPUs, or refused before launch when neither the cluster nor its autoscaler can ever provide them.
+    auto: GPUs when the running nodes or the autoscaler's node types can hold one per worker, else CPU
+    (with an `accelerator`: cuda). cuda: GPUs, or refused before launch when neither the cluster nor its autoscaler can ever provide them.
     """
     p = field_prefix
+    asked = f"{device_field}: 'cuda'"
+    if requested == "auto" and accelerator:
+        requested = "cuda"  # a named GPU model is a request for a GPU: never a silent CPU fallback
+        asked = f"{accelerator_field}: '{accelerator}'"
     gpu_worker = {"CPU": cpus_per_worker, "GPU": gpus_per_worker}
     if accelerator:
         gpu_worker[f"{ACCELERATOR_PREFIX}{accelerator}"] = 0.001
     gpu_now, gpu_later, gpu_type = cluster.capacity(gpu_worker)
     want_gpu = requested == "cuda" or (requested == "auto" and gpu_now + gpu_later >= count)
     if requested == "cpu" and accelerator:
-        raise ConfigError([f"{p}accelerator: '{accelerator}' names a GPU but {p}{device_field} is 'cpu'; "
+        raise ConfigError([f"{p}{accelerator_field}: '{accelerator}' names a GPU but {p}{device_field} is 'cpu'; "
                            "drop accelerator or use device cuda/auto"])
     if want_gpu:
         if gpu_now + gpu_later == 0:
             raise ConfigError([
-                f"{p}{device_field}: 'cuda' but neither the Ray cluster nor its autoscaler can provide a GPU"
-                f"{' of type ' + accelerator if accelerator else ''} ({cluster.describe()}); use device 'cpu' "
-                f"or 'auto', or add a GPU node type to the cluster config (set ${AUTOSCALER_CONFIG_ENV} when "
-                "the job cannot see it)"
+                f"{p}{asked} but neither the Ray cluster nor its autoscaler can provide a GPU"
+                f"{' of type ' + accelerator if accelerator else ''} ({cluster.describe()}); "
+                + ("drop accelerator or name one a node type has, " if asked.startswith(accelerator_field)
+                   else "use device 'cpu' or 'auto', ")
+                + f"or add such a GPU node type to the cluster config (set ${AUTOSCALER_CONFIG_ENV} when the job "
+                "cannot see it)"
             ])
         if gpu_now + gpu_later < count:
             raise ConfigError([

@@ -91,3 +91,18 @@ def wait_for_placement(placement, *, timeout_s: float, strategy: str = "PACK", p
         return ray.get(remote.remote(), timeout=max(60.0, timeout_s))
     finally:
         remove_placement_group(group)
+
+
+def reserve_target(placement, *, timeout_s: float, strategy: str = "PACK"):
+    """For GPU work, or work the running nodes cannot hold: wait until Ray can place it (the autoscaler
+    adds nodes), probe the node it lands on, and refuse a node placed for a GPU whose torch sees no CUDA
+    (`devices.cuda_missing`): otherwise the stage would run on that node's CPU, or fail deep inside
+    NCCL setup. Returns that node's `LocalDevices`; None for CPU work the running nodes already hold."""
+    from frugalray.devices import cuda_missing
+
+    if not (placement.use_gpu or placement.needs_autoscaler):
+        return None
+    node = wait_for_placement(placement, timeout_s=timeout_s, strategy=strategy)
+    if placement.use_gpu and not node.cuda:
+        raise cuda_missing(placement.stage, node, placement.ray_resources())
+    return node

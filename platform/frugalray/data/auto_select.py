@@ -20,6 +20,12 @@ at random (seeded) and kept out of every candidate's proxy training.
 
 This is one seed of a tiny fine-tune: a small gap between candidates can be noise, and
 the report says how large the gap is next to the untrained model's metric.
+
+Where it runs (`auto_proxy_target`, from `auto.proxy.device`): in this process on its CPU for
+`cpu`, as always; when the Ray cluster is known (Ray already up, as in a pipeline after `score`,
+or joined for `device: cuda`) and gives a GPU, the whole experiment runs as one Ray task asking
+for one GPU (`accelerator_type` when `auto.proxy.accelerator` names one), which checks CUDA is
+there before training; with Ray not started, `auto` uses this process's GPU if it has one.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -34,12 +41,24 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from frugalray.budget.flops import forward_flops_per_token
-from frugalray.config import StrictModel
+from frugalray.config import ConfigError, StrictModel
 from frugalray.data.ranking import select_rows
+from frugalray.devices import (
+    ClusterDevices,
+    LocalDevices,
+    Placement,
+    cluster_devices,
+    local_devices,
+    require_cuda,
+    resolve_dtype,
+    resolve_placement,
+    target_fast_bf16,
+)
 from frugalray.examples.answers import is_correct
 from frugalray.examples.formatting import chat_prompt_text
 from frugalray.examples.loaders import FieldMapping, _columns, load_records, read_rows
 from frugalray.models import DEFAULT_MODEL, resolve_model
+from frugalray.ray_utils import init_ray
 from frugalray.train.loop import TrainingSession
 from frugalray.train.spec import TrainingSpec, refuse_flat_training_keys
 
@@ -211,6 +230,7 @@ def _accuracy(session, rows: list[dict], max_new_tokens: int) -> tuple[float | N
     with torch.no_grad():
         for row in checkable:
             ids = tok(chat_prompt_text(tok, row["prompt"]), add_special_tokens=False, return_tensors="pt")["input_ids"]
+            ids = ids.to(session.device)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tok.pad_token_id)
             new = out[0, ids.shape[1]:]
@@ -220,12 +240,70 @@ def _accuracy(session, rows: list[dict], max_new_tokens: int) -> tuple[float | N
     return correct / len(checkable), flops
 
 
+def auto_proxy_target(spec: TrainingSpec, cluster: ClusterDevices | None,
+                      here: LocalDevices | None = None) -> tuple[str, Placement | None]:
+    """(device, placement) of the proxy experiment (pure): a placement means one Ray task with its
+    resources; None means this process, on `device`.
+
+    `cluster`: the Ray cluster and its autoscaler's node types, None when Ray is not up (then `auto`
+    decides from this process, `here`). Raises ConfigError naming auto.proxy.* for a GPU that cannot come."""
+    accelerator = spec.accelerator
+    if spec.device == "cpu":
+        if accelerator:
+            raise ConfigError([(f"auto.proxy.accelerator: '{accelerator}' names a GPU but auto.proxy.device is 'cpu'; "
+                               "drop accelerator or set device to auto or cuda")])
+        return "cpu", None
+    requested = "cuda" if accelerator else spec.device  # a named accelerator asks for a GPU
+    if cluster is None:
+        if requested == "cuda":  # the caller joins the cluster first; this is a programming error
+            raise ValueError("auto_proxy_target: a GPU request needs the cluster")
+        return ("cuda" if here is not None and here.cuda else "cpu"), None
+    placement = resolve_placement(spec.device, count=1, cluster=cluster, stage="auto-select proxy",
+                                  accelerator=accelerator, field_prefix="auto.proxy.",
+                                  count_field="device")
+    return placement.device, placement if placement.use_gpu else None
+
+
+def _ray_up() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
 def run_auto_proxy(rows: list[dict[str, Any]], settings: AutoSettings, select_kwargs: dict[str, Any]) -> AutoOutcome:
     """Select with every candidate under the same budget, proxy-train on each subset, pick the best.
 
     `select_kwargs` are `select_rows`' budget, filter and dedup arguments (everything but
     score / strategy / weights), so every candidate faces the budget the final selection will.
+    Runs here, or as one Ray task on a GPU (`auto_proxy_target`).
     """
+    spec = settings.proxy
+    cluster = None
+    if spec.device == "cuda" or (spec.device == "auto" and (spec.accelerator or _ray_up())):
+        init_ray()  # a no-op when Ray is up
+        cluster = cluster_devices()
+    device, placement = auto_proxy_target(spec, cluster, None if cluster is not None or spec.device == "cpu"
+                                          else local_devices())
+    if placement is None:
+        log.info("auto-select proxy: in this process on %s", device.upper())
+        if device == "cuda":
+            require_cuda("auto-select proxy")
+        return _run_auto_proxy(rows, settings, select_kwargs, device)
+    import ray
+
+    dtype = resolve_dtype(spec.compute_dtype, placement.device, fast_bf16=target_fast_bf16(placement))
+    log.info("%s (%s)", placement.describe(dtype), placement.why)
+    task = ray.remote(**placement.remote_options())(_auto_proxy_task)
+    return ray.get(task.remote(rows, settings.model_dump(mode="json"), select_kwargs, placement.ray_resources()))
+
+
+def _auto_proxy_task(rows: list[dict[str, Any]], settings: dict, select_kwargs: dict[str, Any],
+                     placed_for: dict[str, float]) -> AutoOutcome:
+    """The proxy experiment on the GPU this Ray task was placed for."""
+    require_cuda("auto-select proxy", placed_for=placed_for)
+    return _run_auto_proxy(rows, AutoSettings.model_validate(settings), select_kwargs, "cuda")
+
+
+def _run_auto_proxy(rows: list[dict[str, Any]], settings: AutoSettings, select_kwargs: dict[str, Any],
+                    device: str) -> AutoOutcome:
     from tqdm import tqdm
 
 
@@ -261,7 +339,7 @@ def run_auto_proxy(rows: list[dict[str, Any]], settings: AutoSettings, select_kw
             results.append(result)
             continue
         try:
-            session = TrainingSession(spec, model_path, train, eval_rows)
+            session = TrainingSession(spec, model_path, train, eval_rows, device=device if device != "cpu" else None)
         except ValueError as err:  # e.g. every response beyond seq_len
             result.skipped = str(err)
             results.append(result)

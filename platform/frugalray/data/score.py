@@ -5,7 +5,11 @@ Data actor pool, into Parquet shards a killed run resumes.
 1. validate and load, in the driver, before any Ray work: the model, the rows (`load_records`:
    preflight + quarantine), the influence target set. Rows that fail validation (missing fields,
    empty, non-string, non-text, undecodable, over `max_chars` characters or `max_tokens` tokens)
-   go to the quarantine JSONL with a `quarantine_reason`;
+   go to the quarantine JSONL with a `quarantine_reason`. Then, joining Ray, place the actors
+   (`place_scorers`): CPU or GPU from `device` and the cluster (the autoscaler's node types
+   included, `frugalray.devices`), `num_gpus` each, and the compute dtype that follows the device
+   (`dtype: auto`: bf16 on GPUs and bf16-native CPUs, else float32). The resolved dtype is what the
+   resume fingerprint, the actors, the sidecar and the ledger see;
 2. set up: the output directory, keeping the shards an earlier run with the same input and
    settings finished (`score_shards`), and duplicate clusters over every row;
 3. run: the dynamics proxy fine-tune, then the missing shards' rows (sorted by token count
@@ -62,10 +66,18 @@ from frugalray.data.score_shards import (
 )
 from frugalray.data.scoring_actor import GrandSettings, RowScorer
 from frugalray.data.signals import duplicate_clusters, example_text, minhash_signatures
+from frugalray.devices import (
+    ClusterDevices,
+    Placement,
+    cluster_devices,
+    resolve_dtype,
+    resolve_placement,
+    target_fast_bf16,
+)
 from frugalray.examples.formatting import tokenize_example
 from frugalray.examples.loaders import DEFAULT_MAX_CHARS, FieldMapping, load_records, write_quarantine
 from frugalray.models import DEFAULT_MODEL, load_tokenizer, model_shape, resolve_model
-from frugalray.ray_utils import init_ray
+from frugalray.ray_utils import init_ray, reserve_target
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +114,21 @@ class ScoreConfig(StrictModel):
     torch_threads: int | None = Field(
         default=None, ge=1, description="intra-op threads per actor; default: the node's cores / num_actors"
     )
-    # float32 by default: on CPUs without native bf16 (AVX2 only) bf16 matmuls are emulated and slower.
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description=(
+        "where the scoring actors run; auto: GPUs when the running nodes or the autoscaler's node types can give "
+        "every actor num_gpus (CPU when no scorer runs a model), else CPU; cuda: GPUs (refused before launch "
+        "when the cluster can never provide them)"))
+    accelerator: str | None = Field(default=None, description=(
+        "GPU model to ask Ray for (its accelerator_type, e.g. A10G, L4, A100-80G); null: any GPU"))
+    num_gpus: float | None = Field(default=None, gt=0, le=8, description=(
+        "GPUs per scoring actor when on GPU; a fraction packs actors onto one GPU (0.25: four per GPU); "
+        "null: 1. Needs a GPU in the cluster or its autoscaler"))
+    capacity_timeout_s: float = Field(default=900.0, gt=0, description=(
+        "seconds to wait for the autoscaler to add the nodes the actors need before failing"))
+    # On CPUs without native bf16 (AVX2 only) bf16 matmuls are emulated and slower: auto picks float32 there.
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(default="auto", description=(
+        "scoring model dtype; auto: bfloat16 on GPUs (Ampere and later) and on CPUs with AVX512-BF16/AMX, "
+        "else float32; an explicit value is what runs"))
     scorers: list[ScorerName] = Field(
         default_factory=lambda: ["perplexity"], min_length=1,
         description=("signals to compute: perplexity, ifd, grand, heuristics, verifier (needs fields.answer), duplicates, "
@@ -130,7 +155,26 @@ class ScoreConfig(StrictModel):
             raise ValueError("influence.target_path: required by the influence scorer; name a small file of target examples")
         if self.max_tokens is not None and self.max_tokens > self.max_length:
             raise ValueError(f"max_tokens: {self.max_tokens} > max_length {self.max_length}; raise max_length or lower max_tokens")
+        problems = gpu_field_problems(self.device, self.num_gpus, self.accelerator)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+
+def gpu_field_problems(device: str, num_gpus: float | None, accelerator: str | None) -> list[str]:
+    """The scoring actors' GPU settings that contradict `device` or Ray (pure; the config validator's)."""
+    problems = []
+    if device == "cpu" and num_gpus is not None:
+        problems.append(f"num_gpus: {num_gpus:g} GPU per actor but device is 'cpu'; drop num_gpus or set device "
+                        "to auto or cuda")
+    if device == "cpu" and accelerator:
+        problems.append(f"accelerator: '{accelerator}' names a GPU but device is 'cpu'; drop accelerator or set "
+                        "device to auto or cuda")
+    if num_gpus is not None and num_gpus > 1 and num_gpus != int(num_gpus):
+        # Ray schedules fractions of one GPU, or whole GPUs: 1.5 cannot be placed.
+        problems.append(f"num_gpus: {num_gpus:g}; Ray takes a fraction below 1 or a whole number of GPUs "
+                        "(e.g. 0.5 or 2)")
+    return problems
 
 
 class ScoreResult(BaseModel):
@@ -172,10 +216,13 @@ def run_score(cfg: ScoreConfig, run_dir: str | Path, ledger: ComputeLedger | Non
     start = time.time()
     # 1. Validate and load: everything a user can get wrong fails here, before any Ray work starts.
     inputs = load_inputs(cfg)
+    # Then join Ray and place the actors: the dtype follows their device and is part of what resumes a run.
+    placed = place_scorers(cfg)
+    cfg = placed.cfg
     # 2. Set up the output: shards an earlier run with the same input and settings finished are kept.
     plan = plan_output(cfg, inputs)
     # 3. Run the scorers over the missing shards; each shard is written as soon as its last row is in.
-    now = score_pending(cfg, inputs, plan)
+    now = score_pending(cfg, inputs, plan, placed)
     # 4. Save: account for every row, and for what the output and this run cost.
     scored = read_scored(cfg, inputs, plan.output)
     flops_total, flops_now = charge_flops(cfg, inputs, scored, now)
@@ -270,6 +317,108 @@ def _reason_counts(quarantined: list[dict]) -> dict[str, int]:
     return counts
 
 
+# -- 1b. place the actors --------------------------------------------------------------------------
+
+# Scorers `RowScorer` runs a model for (pass_rate has its own vLLM actors, the others are text only).
+ACTOR_MODEL_SCORERS = tuple(s for s in MODEL_SCORERS if s != "pass_rate")
+
+
+@dataclass
+class ScorerPlacements:
+    """Where each part of a scoring run goes, and the config with its dtype resolved for that device."""
+
+    cfg: ScoreConfig  # `dtype` resolved ("auto" never reaches an actor, the fingerprint or the sidecar)
+    scorers: Placement  # the RowScorer actor pool
+    pass_rate: Placement | None = None  # the PassRateScorer (vLLM) actor pool
+    proxy: Placement | None = None  # the dynamics proxy fine-tune task
+
+
+def scorer_placement(cfg: ScoreConfig, cluster: ClusterDevices) -> Placement:
+    """CPU or GPU for the `num_actors` scoring actors (pure), or ConfigError naming the field.
+
+    auto: GPUs when every actor can get `num_gpus` (running or from the autoscaler); CPU when no scorer
+    runs a model (a GPU would sit idle) unless `num_gpus` or `accelerator` asks for one. `num_gpus`
+    where no GPU can ever come is refused, naming it."""
+    requested = cfg.device
+    if requested == "auto" and cfg.num_gpus is None and not cfg.accelerator and not set(cfg.scorers) & set(ACTOR_MODEL_SCORERS):
+        requested = "cpu"
+    placement = resolve_placement(
+        requested, count=cfg.num_actors, cluster=cluster, stage="score", gpus_per_worker=cfg.num_gpus or 1.0,
+        cpus_per_worker=cfg.num_cpus_per_actor, accelerator=cfg.accelerator, count_field="num_actors",
+    )
+    if cfg.num_gpus is not None and not placement.use_gpu:
+        raise ConfigError([(
+            f"num_gpus: {cfg.num_gpus:g} GPU per scoring actor, but neither the Ray cluster nor its autoscaler can "
+            f"give {cfg.num_actors} actor(s) that ({cluster.describe()}); drop num_gpus to score on CPU, lower "
+            "num_actors, or add a GPU node type to the cluster config"
+        )])
+    return placement
+
+
+def pass_rate_placement(cfg: ScoreConfig, cluster: ClusterDevices) -> Placement | None:
+    """The pass-rate actors (one vLLM engine each, a whole GPU on GPU), or None without pass_rate (pure)."""
+    if "pass_rate" not in cfg.scorers:
+        return None
+    s = cfg.pass_rate
+    return resolve_placement(
+        s.device, count=cfg.num_actors, cluster=cluster, stage="pass-rate",
+        gpus_per_worker=1.0, cpus_per_worker=cfg.num_cpus_per_actor, accelerator=s.accelerator,
+        device_field="pass_rate.device", count_field="num_actors",
+    )
+
+
+def proxy_placement(cfg: ScoreConfig, cluster: ClusterDevices) -> Placement | None:
+    """The dynamics proxy fine-tune (one task, a whole GPU on GPU) from its TrainingSpec's device, or
+    None without dynamics (pure)."""
+    if "dynamics" not in cfg.scorers:
+        return None
+    spec = cfg.dynamics.proxy
+    accelerator = spec.accelerator
+    if spec.device == "cpu" and accelerator:
+        raise ConfigError([(f"dynamics.proxy.accelerator: '{accelerator}' names a GPU but dynamics.proxy.device is "
+                           "'cpu'; drop accelerator or set device to auto or cuda")])
+    return resolve_placement(
+        spec.device, count=1, cluster=cluster, stage="dynamics proxy",
+        cpus_per_worker=cfg.num_cpus_per_actor, accelerator=accelerator, device_field="dynamics.proxy.device",
+        count_field="num_cpus_per_actor",
+    )
+
+
+def scoring_dtype(cfg: ScoreConfig, placement: Placement) -> str:
+    """The scorers' model dtype: an explicit one as given; auto follows the device the actors are placed
+    on (bf16 on GPUs but pre-Ampere accelerator types, and on AVX512-BF16/AMX CPUs; else float32)."""
+    return resolve_dtype(cfg.dtype, placement.device, fast_bf16=target_fast_bf16(placement))
+
+
+def scorer_resources(placement: Placement) -> dict[str, Any]:
+    """What one actor of a Ray Data pool (or the proxy task) asks for: `num_cpus`, plus `num_gpus` and
+    `accelerator_type` on GPU (map_batches and ray.remote take the same keywords)."""
+    return placement.remote_options()
+
+
+def place_scorers(cfg: ScoreConfig, cluster: ClusterDevices | None = None) -> ScorerPlacements:
+    """Join Ray and decide each part's device from the cluster and its autoscaler; log the decisions.
+
+    Nothing waits for nodes here (`ray_utils.reserve_target` does, only when there is work to run)."""
+    if cluster is None:
+        init_ray()  # after every config and data check passed (a no-op when Ray is already up)
+        cluster = cluster_devices()
+    scorers = scorer_placement(cfg, cluster)
+    dtype = scoring_dtype(cfg, scorers)
+    placed = ScorerPlacements(cfg.model_copy(update={"dtype": dtype}), scorers, pass_rate_placement(cfg, cluster),
+                              proxy_placement(cfg, cluster))
+    log.info("%s (%s)", scorers.describe(dtype), scorers.why)
+    if placed.pass_rate is not None:
+        engine_dtype = cfg.pass_rate.engine_kwargs.get("dtype", "auto" if placed.pass_rate.use_gpu else None)
+        log.info("%s (%s)", placed.pass_rate.describe(engine_dtype and f"vLLM dtype {engine_dtype}"),
+                 placed.pass_rate.why)
+    if placed.proxy is not None:
+        proxy_dtype = resolve_dtype(cfg.dynamics.proxy.compute_dtype, placed.proxy.device,
+                                    fast_bf16=target_fast_bf16(placed.proxy))
+        log.info("%s (%s)", placed.proxy.describe(proxy_dtype), placed.proxy.why)
+    return placed
+
+
 # -- 2. set up the output --------------------------------------------------------------------------
 
 
@@ -357,16 +506,20 @@ class ScoredNow:
     gen_tokens: list[int] = field(default_factory=list)  # pass_rate only, lined up with `prompts`
 
 
-def score_pending(cfg: ScoreConfig, inputs: ScoreInputs, plan: ShardPlan) -> ScoredNow:
+def score_pending(cfg: ScoreConfig, inputs: ScoreInputs, plan: ShardPlan, placed: ScorerPlacements) -> ScoredNow:
     """Train the dynamics proxy (or reuse its checkpoints), stream the pending shards' rows
     through the actor pools and write each shard as soon as it is complete."""
     if not plan.pending:
         return ScoredNow(proxy=_earlier_proxy(cfg, plan.output))
     init_ray()  # only now, after every check above passed (a no-op when Ray is already up)
     threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.num_actors)
-    proxy = _proxy_checkpoints(cfg, inputs.model_path, inputs.rows, threads) if "dynamics" in cfg.scorers else _no_proxy()
+    proxy = (_proxy_checkpoints(cfg, inputs.model_path, inputs.rows, threads, placed.proxy)
+             if "dynamics" in cfg.scorers else _no_proxy())
+    for placement in (placed.scorers, placed.pass_rate):
+        if placement is not None:
+            reserve_target(placement, timeout_s=cfg.capacity_timeout_s)
     now = ScoredNow(proxy=proxy, actors=min(cfg.num_actors, len(plan.pending)))
-    ds = _scoring_dataset(cfg, inputs, plan, proxy, threads)
+    ds = _scoring_dataset(cfg, inputs, plan, proxy, threads, placed)
     expected = {k: len(plan.shards[k]) for k in plan.pending}
     blocks = ds.iter_batches(batch_size=None, batch_format="pyarrow")
     for k, table in write_shards_as_finished(blocks, expected, plan.output, plan.schema):
@@ -391,10 +544,10 @@ def _earlier_proxy(cfg: ScoreConfig, output: Path) -> dict:
     return proxy
 
 
-def _proxy_checkpoints(cfg: ScoreConfig, model_path: str, rows: list[dict], threads: int) -> dict:
+def _proxy_checkpoints(cfg: ScoreConfig, model_path: str, rows: list[dict], threads: int, placement: Placement) -> dict:
     """The dynamics proxy fine-tune's checkpoints: reused when a resumed run already saved them
     all (`prepare_output` clears them whenever it starts over), else trained now as one Ray task
-    (charged to this run)."""
+    on `placement`'s device (charged to this run)."""
     import ray
 
     root = dynamics_dir_for(cfg.output_path)
@@ -407,14 +560,18 @@ def _proxy_checkpoints(cfg: ScoreConfig, model_path: str, rows: list[dict], thre
     train = [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
     if cfg.dynamics.train_rows is not None and cfg.dynamics.train_rows < len(train):
         train = random.Random(cfg.dynamics.proxy.seed).sample(train, cfg.dynamics.train_rows)
-    task = ray.remote(num_cpus=cfg.num_cpus_per_actor)(proxy_finetune)
-    out = ray.get(task.remote(model_path, train, cfg.dynamics.model_dump(), cfg.max_length, str(root), threads))
+    reserve_target(placement, timeout_s=cfg.capacity_timeout_s)
+    task = ray.remote(**scorer_resources(placement))(proxy_finetune)
+    out = ray.get(task.remote(model_path, train, cfg.dynamics.model_dump(), cfg.max_length, str(root), threads,
+                              device=placement.device, placed_for=placement.ray_resources()))
     record.write_text(json.dumps({k: out[k] for k in ("flops", "tokens", "losses")}))
     return {**out, "reused": False}
 
 
-def _scoring_dataset(cfg: ScoreConfig, inputs: ScoreInputs, plan: ShardPlan, proxy: dict, threads: int):
-    """The pending rows through `RowScorer`'s actor pool (and `PassRateScorer`'s, for pass_rate)."""
+def _scoring_dataset(cfg: ScoreConfig, inputs: ScoreInputs, plan: ShardPlan, proxy: dict, threads: int,
+                     placed: ScorerPlacements):
+    """The pending rows through `RowScorer`'s actor pool (and `PassRateScorer`'s, for pass_rate), each
+    actor asking Ray for its placement's CPUs and GPUs."""
     import ray
 
     tokenizer = inputs.tokenizer() if set(cfg.scorers) & set(MODEL_SCORERS) else None
@@ -430,20 +587,22 @@ def _scoring_dataset(cfg: ScoreConfig, inputs: ScoreInputs, plan: ShardPlan, pro
             "dynamics": {"checkpoints": proxy["checkpoints"], "chunk_tokens": cfg.dynamics.chunk_tokens},
             "influence": {"settings": cfg.influence.model_dump(mode="json"), "targets": inputs.targets},
             "answer_column": cfg.fields.answer,
+            "device": placed.scorers.device,
+            "placed_for": placed.scorers.ray_resources(),
         },
         concurrency=cfg.num_actors,
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        num_cpus=cfg.num_cpus_per_actor,
+        **scorer_resources(placed.scorers),
     )
-    if "pass_rate" in cfg.scorers:
-
+    if placed.pass_rate is not None:
         # A second actor pool, each actor owning one vLLM engine, streaming after the first.
         ds = ds.map_batches(
             PassRateScorer,
-            fn_constructor_kwargs={"model_path": inputs.model_path, "settings": cfg.pass_rate.model_dump()},
+            fn_constructor_kwargs={"model_path": inputs.model_path, "settings": cfg.pass_rate.model_dump(),
+                                   "device": placed.pass_rate.device, "placed_for": placed.pass_rate.ray_resources()},
             concurrency=cfg.num_actors, batch_size=cfg.batch_size, batch_format="pyarrow",
-            num_cpus=cfg.num_cpus_per_actor,
+            **scorer_resources(placed.pass_rate),
         )
     return ds
 

@@ -31,9 +31,12 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "_frugalray_score.json"
 SHARD_COLUMN = "score_shard"
 # ScoreConfig settings that change how fast rows are scored, never their scores: not part of the
-# resume fingerprint.
+# resume fingerprint. Where the actors run (device, GPUs) is among them; the dtype the device resolves
+# to is not (`run_score` fingerprints the resolved dtype, never "auto").
 _RUNTIME_FIELDS = {"batch_size", "num_actors", "num_cpus_per_actor", "torch_threads", "resume", "quarantine_path",
-                  "output_path"}
+                  "output_path", "device", "accelerator", "num_gpus", "capacity_timeout_s"}
+# The same inside sections (only keys added with the device settings: the others were always fingerprinted).
+_RUNTIME_SECTION_FIELDS = {"pass_rate": {"device", "accelerator"}, "dynamics": {"proxy": {"accelerator"}}}
 
 
 def shard_name(index: int) -> str:
@@ -79,7 +82,9 @@ def pending_items(shards: dict[int, list[dict]], pending: list[int], tokenizer, 
 def score_fingerprint(cfg: BaseModel, model_path: str, rows: list[dict]) -> str:
     """Hash of every setting of the `ScoreConfig` that changes a score and of the rows themselves."""
     digest = hashlib.sha256()
-    settings = cfg.model_dump(mode="json", exclude=_RUNTIME_FIELDS)
+    exclude: dict = {name: True for name in _RUNTIME_FIELDS}
+    exclude.update({k: v for k, v in _RUNTIME_SECTION_FIELDS.items() if k in type(cfg).model_fields})
+    settings = cfg.model_dump(mode="json", exclude=exclude)
     digest.update(json.dumps({"settings": settings, "model_path": model_path}, sort_keys=True).encode())
     for row in rows:
         digest.update(json.dumps([row["source_index"], row["id"], row["prompt"], row["response"]]).encode())

@@ -30,6 +30,10 @@ them for every batch. A row is tokenized once, the way training sees it
 
 Only the labelled positions go through the LM head and the cross-entropy: on a 49k-token
 vocabulary the logits of every position would dominate both time and memory.
+
+`device="cuda"` (an actor placed on a GPU by `score.place_scorers`): the actor first checks that
+CUDA is there (`devices.require_cuda`: a GPU node whose torch sees none would otherwise score on
+its CPU, silently), then holds its models on the GPU; per-row results come back to the CPU.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from frugalray.data.dynamics import summarize_dynamics, token_error_stats
 from frugalray.data.influence import InfluenceSettings, cosine_to, project, target_direction
 from frugalray.data.score_columns import COLUMN_TYPES, MODEL_SCORERS, SCORER_COLUMNS
 from frugalray.data.signals import answer_correct, heuristic_scores
+from frugalray.devices import require_cuda
 from frugalray.examples.formatting import IGNORE_INDEX, pad_batch, tokenize_example
 from frugalray.models import load_causal_lm, load_config, load_tokenizer
 
@@ -66,7 +71,11 @@ class RowScorer:
     `dynamics`: {"checkpoints": [adapter dirs], "chunk_tokens": int}; `influence`:
     {"settings": InfluenceSettings fields, "targets": [[prompt, response], ...]};
     `answer_column`: the batch column holding the reference answers (`verifier`).
+    `device`: "cpu", or "cuda" for an actor placed on a GPU (`placed_for`: the resources it was
+    placed with, for the error when no CUDA device is there).
     """
+
+    device = "cpu"
 
     def __init__(
         self,
@@ -79,9 +88,14 @@ class RowScorer:
         dynamics: dict | None = None,
         influence: dict | None = None,
         answer_column: str | None = None,
+        device: str = "cpu",
+        placed_for: dict | None = None,
     ):
         import torch
 
+        if device == "cuda":
+            require_cuda("score", placed_for=placed_for)
+        self.device = device
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.scorers = tuple(scorers)
@@ -92,7 +106,7 @@ class RowScorer:
         self.model = None
         self.fast_path = False
         if set(self.scorers) & {"perplexity", "ifd", "grand"}:
-            self.model = load_causal_lm(model_path, dtype=dtype).eval()
+            self.model = self._load(model_path, dtype).eval()
         if set(self.scorers) & set(MODEL_SCORERS):
             config = load_config(model_path)
             # The fast path applies the LM head to labelled positions only; models that post-process
@@ -119,8 +133,9 @@ class RowScorer:
 
             # One model copy; each proxy checkpoint is a named adapter switched per pass.
             paths = list(dynamics["checkpoints"])
+            # PEFT puts each adapter on its base layer's device.
             self.dyn_model = PeftModel.from_pretrained(
-                load_causal_lm(model_path, dtype=dtype), paths[0], adapter_name="ckpt0"
+                self._load(model_path, dtype), paths[0], adapter_name="ckpt0"
             ).eval()
             for i, path in enumerate(paths[1:], start=1):
                 self.dyn_model.load_adapter(path, adapter_name=f"ckpt{i}")
@@ -128,7 +143,7 @@ class RowScorer:
             self.dyn_chunk = int(dynamics.get("chunk_tokens", 512))
         if "influence" in self.scorers:
             self.inf = InfluenceSettings(**influence["settings"])
-            base = load_causal_lm(model_path, dtype=dtype).eval()
+            base = self._load(model_path, dtype).eval()
             if self.inf.adapter_path:
                 from peft import PeftModel
 
@@ -146,8 +161,17 @@ class RowScorer:
             targets = [self._tokenize(p, r) for p, r in influence["targets"]]
             self.inf_direction = target_direction(self._influence_features(targets))
 
+    def _load(self, model_path: str, dtype: str):
+        model = load_causal_lm(model_path, dtype=dtype)
+        return model.to(self.device) if self.device != "cpu" else model
+
     def _tokenize(self, prompt: str, response: str) -> dict:
         return tokenize_example(self.tokenizer, prompt, response, self.max_length)
+
+    def _pad(self, examples: list[dict]) -> dict:
+        """A padded batch on the actor's device."""
+        batch = pad_batch(examples, self.pad_id)
+        return {k: v.to(self.device) for k, v in batch.items()} if self.device != "cpu" else batch
 
     def _positions(self, model, batch: dict):
         """Hidden states of every labelled next-token position, their targets, each one's row
@@ -184,14 +208,14 @@ class RowScorer:
         import torch
 
         with torch.inference_mode():
-            nll, row_of_token, n_loss = self._token_nll(pad_batch(examples, self.pad_id))
-            sums = torch.zeros(len(examples), dtype=torch.float64).index_add_(0, row_of_token, nll.double())
+            nll, row_of_token, n_loss = self._token_nll(self._pad(examples))
+            sums = torch.zeros(len(examples), dtype=torch.float64).index_add_(0, row_of_token.cpu(), nll.double().cpu())
         return [s / n if n else math.nan for s, n in zip(sums.tolist(), n_loss)], n_loss
 
     def _grad_norm(self, example: dict) -> float:
         import torch
 
-        nll, _, n_loss = self._token_nll(pad_batch([example], self.pad_id))
+        nll, _, n_loss = self._token_nll(self._pad([example]))
         if not n_loss[0]:
             return math.nan
         grads = torch.autograd.grad(nll.mean(), self.lora_params)
@@ -200,7 +224,7 @@ class RowScorer:
     def _dynamics(self, examples: list[dict]) -> list[dict]:
         import torch
 
-        batch = pad_batch(examples, self.pad_id)
+        batch = self._pad(examples)
         per_ckpt = []
         with torch.inference_mode():
             for name in self.dyn_names:
@@ -223,10 +247,10 @@ class RowScorer:
         n_params = sum(p.numel() for p in self.inf_params)
         grads = torch.zeros(len(examples), n_params, dtype=torch.float32)
         for i, example in enumerate(examples):
-            nll, _, n_loss = self._token_nll(pad_batch([example], self.pad_id), model=self.inf_model)
+            nll, _, n_loss = self._token_nll(self._pad([example]), model=self.inf_model)
             if n_loss[0]:
                 flat = torch.autograd.grad(nll.mean(), self.inf_params)
-                grads[i] = torch.cat([g.reshape(-1) for g in flat]).float()
+                grads[i] = torch.cat([g.reshape(-1) for g in flat]).float().cpu()
         return project(grads, self.inf.dim, self.inf.seed)
 
     def score(self, prompts: list[str], responses: list[str], answers: list | None = None) -> dict[str, list]:

@@ -26,21 +26,20 @@ from pydantic import BaseModel, Field
 
 from frugalray.budget.ledger import ComputeLedger
 from frugalray.config import ConfigError, StrictModel
-from frugalray.examples.formatting import IGNORE_INDEX, tokenize_example
-from frugalray.examples.loaders import FieldMapping, _columns, load_records, read_rows
 from frugalray.devices import (
     LocalDevices,
     Placement,
     cluster_devices,
-    cuda_missing,
     local_devices,
     require_cuda,
     resolve_dtype,
     resolve_placement,
     target_fast_bf16,
 )
+from frugalray.examples.formatting import IGNORE_INDEX, tokenize_example
+from frugalray.examples.loaders import FieldMapping, _columns, load_records, read_rows
 from frugalray.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, model_shape, resolve_model
-from frugalray.ray_utils import init_ray, wait_for_placement
+from frugalray.ray_utils import init_ray, reserve_target
 from frugalray.train.checkpointing import ADAPTER_DIR as CKPT_ADAPTER_DIR
 from frugalray.train.checkpointing import FULL_MODEL_DIR, checkpoint_step, find_latest_checkpoint
 from frugalray.train.loop import TrainingSession
@@ -487,11 +486,9 @@ def place_workers(cfg: FinetuneConfig, model_path: str) -> tuple[Placement, Loca
                                   accelerator=cfg.accelerator)
     expected = resolve_dtype(cfg.compute_dtype, placement.device, fast_bf16=target_fast_bf16(placement))
     log.info("%s (%s)", placement.describe(expected), placement.why)
-    if not (placement.use_gpu or placement.needs_autoscaler):
+    node = reserve_target(placement, timeout_s=cfg.capacity_timeout_s, strategy=cfg.placement_strategy)
+    if node is None:
         return placement, local_devices()
-    node = wait_for_placement(placement, timeout_s=cfg.capacity_timeout_s, strategy=cfg.placement_strategy)
-    if placement.use_gpu and not node.cuda:
-        raise cuda_missing("finetune", node, placement.ray_resources())
     # A GPU probed on its node is all free before the job starts; its accelerator type's memory otherwise.
     memory = node.cuda_memory_bytes if placement.use_gpu else None
     problems = device_problems(cfg, node, model_path, device_memory=memory or placement.device_memory_bytes)

@@ -24,6 +24,12 @@ RUN_DIR`) rebuilds the pot from the journal (holds left open by the dead driver 
 in full), restores Tune's experiment with `Tuner.restore` and the same trainable and
 scheduler, and records ONE ledger entry for the whole sweep, whatever the restarts.
 
+Devices: the trials' device comes from `finetune.device` (and `finetune.accelerator`) and the
+cluster, its autoscaler's node types included (`sweep_placement`, for `max_concurrent_trials` trials
+at once). Each trial asks Tune for one CPU, plus one GPU (and `accelerator_type:X`) on GPU
+(`trial_resources`); a GPU trial checks that CUDA is there before it reserves a FLOP or loads a model.
+The sweep waits for GPU or autoscaled nodes (saying so) up to `finetune.capacity_timeout_s`.
+
 Budget ladder: with `flop_caps`, the sweep runs once at the largest cap and `tune/ladder.py`
 replays its chunks in spend order to answer every smaller cap (ladder.json / .md / .png).
 Every sweep also fits its compute frontier (`tune/scaling.py`, scaling.json).
@@ -47,8 +53,18 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from frugalray.budget.flops import train_flops_per_token
 from frugalray.budget.ledger import ComputeLedger
 from frugalray.config import ConfigError, StrictModel, parse_config
+from frugalray.devices import (
+    ACCELERATOR_PREFIX,
+    ClusterDevices,
+    Placement,
+    cluster_devices,
+    require_cuda,
+    resolve_dtype,
+    resolve_placement,
+    target_fast_bf16,
+)
 from frugalray.models import model_shape
-from frugalray.ray_utils import init_ray
+from frugalray.ray_utils import init_ray, reserve_target
 from frugalray.train.finetune import FinetuneConfig, preflight_finetune
 from frugalray.train.loop import (
     TrainingSession,
@@ -302,6 +318,26 @@ def make_scheduler(cfg: SweepConfig, shape, eval_rows: int):
                                  max_running=cfg.max_concurrent_trials if cfg.pause_trials else None)
 
 
+def sweep_placement(cfg: SweepConfig, cluster: ClusterDevices) -> Placement:
+    """CPU or GPU for `max_concurrent_trials` trials at once, from `finetune.device` and the cluster (pure);
+    ConfigError naming the field when the cluster can never give them."""
+    ft = cfg.finetune
+    return resolve_placement(ft.device, count=cfg.max_concurrent_trials, cluster=cluster, stage="sweep",
+                             accelerator=ft.accelerator, device_field="finetune.device",
+                             accelerator_field="finetune.accelerator", count_field="max_concurrent_trials")
+
+
+def trial_resources(placement: Placement) -> dict[str, float]:
+    """What one trial asks Tune for (`tune.with_resources`): {"cpu": 1} on CPU, as always; on GPU
+    also {"gpu": 1} and the accelerator type as the custom resource Ray names GPU models with."""
+    resources = {"cpu": placement.per_worker.get("CPU", 1.0)}
+    if placement.use_gpu:
+        resources["gpu"] = placement.per_worker.get("GPU", 1.0)
+    if placement.accelerator:
+        resources[f"{ACCELERATOR_PREFIX}{placement.accelerator}"] = 0.001
+    return resources
+
+
 def sweep_trial(
     config: dict[str, Any],
     base: dict[str, Any],
@@ -313,16 +349,21 @@ def sweep_trial(
     max_steps: int,
     threads: int,
     checkpoint_reports: bool = False,
+    device: str = "cpu",
+    placed_for: dict[str, float] | None = None,
 ) -> None:
     """Tune function trainable: train in reserved chunks, report after each, stop at the cap.
 
     `checkpoint_reports`: every report that is not the trial's last carries a checkpoint (adapter,
     optimizer, LR schedule, data position, RNG and the trial's FLOP/token counters), so a scheduler
     may PAUSE the trial there and Tune resumes it later exactly where it stopped.
+    `device`: "cuda" for a trial placed on a GPU (`placed_for`: what it was placed with).
     """
     import ray
     from ray import tune
 
+    if device == "cuda":  # before any FLOP is reserved: a GPU node without CUDA must not train on its CPU
+        require_cuda("sweep trial", placed_for=placed_for)
 
     # `base` crossed to the trial as JSON: re-validated at the door. The trial's LR schedule
     # (warmup, decay) spans the trial's own length.
@@ -348,7 +389,8 @@ def sweep_trial(
                          "stopped_by_cap": True, "chunk_flops": 0.0, "chunk_reserved": 0.0,
                          "sweep_flops": ray.get(budget.spent.remote()), "final": True})
             return
-        session = TrainingSession(trial_cfg, model_path, train_rows, eval_rows, threads=threads)
+        session = TrainingSession(trial_cfg, model_path, train_rows, eval_rows, threads=threads,
+                                  device=device if device != "cpu" else None)
         if paused_at is not None:
             with paused_at.as_directory() as directory:
                 session.load_checkpoint(directory)
@@ -464,7 +506,7 @@ def resume_sweep(run_dir: str | Path, ledger=None, flop_caps: list[float] | None
     return run_sweep(cfg, run_dir, ledger, resume=True)
 
 
-def _trainable(cfg: SweepConfig, data, budget_name: str):
+def _trainable(cfg: SweepConfig, data, budget_name: str, placement: Placement):
     from ray import tune
 
 
@@ -480,9 +522,22 @@ def _trainable(cfg: SweepConfig, data, budget_name: str):
             max_steps=cfg.max_steps_per_trial,
             threads=cfg.finetune.cpu_threads or default_threads(cfg.max_concurrent_trials),
             checkpoint_reports=_pauses_trials(cfg),
+            device=placement.device,
+            placed_for=placement.ray_resources(),
         ),
-        {"cpu": 1},
+        trial_resources(placement),
     )
+
+
+def place_trials(cfg: SweepConfig) -> Placement:
+    """Decide the trials' device (Ray up), wait for GPU or autoscaled nodes, check CUDA is on them, log it."""
+    placement = sweep_placement(cfg, cluster_devices())
+    # A GPU node without CUDA is refused once here: every trial would fail the same way, and Tune
+    # would report a sweep of errored trials.
+    reserve_target(placement, timeout_s=cfg.finetune.capacity_timeout_s)
+    dtype = resolve_dtype(cfg.finetune.compute_dtype, placement.device, fast_bf16=target_fast_bf16(placement))
+    log.info("%s (%s)", placement.describe(dtype), placement.why)
+    return placement
 
 
 def _trial_histories(grid, cfg: SweepConfig) -> list[dict]:
@@ -541,6 +596,7 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path, ledger=None, resume: bool =
     storage = run_dir / "ray_tune"
     experiment_path = storage / state["experiment"]
     init_ray()  # only after every check passed (a no-op when Ray is already up)
+    placement = place_trials(cfg)
     budget_name = f"frugalray-flop-budget-{state['sweep_id']}-{uuid.uuid4().hex[:4]}"
     budget = None
     try:
@@ -549,7 +605,7 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path, ledger=None, resume: bool =
         if resume:
             log.info("resuming sweep %s: %.4g FLOPs already spent (%.4g charged for chunks the dead driver left open)",
                      state["sweep_id"], before["spent"], before["charged_at_restart"])
-        trainable = _trainable(cfg, data, budget_name)
+        trainable = _trainable(cfg, data, budget_name, placement)
         if resume and tune.Tuner.can_restore(str(experiment_path)):
             # The scheduler and stopper come back from the experiment's tuner.pkl (same as before).
             tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_unfinished=True,

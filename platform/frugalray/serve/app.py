@@ -6,17 +6,30 @@
     shutdown_app(cfg.app_name)
 
 The application is two deployments: Ray Serve LLM's `LLMServer` running vLLM (base model
-plus the adapters as static LoRA modules) and the frugalray ingress in front of it.
+plus the adapters as static LoRA modules; frugalray.serve.engine checks its platform) and the
+frugalray ingress in front of it.
+
+The engine's device comes from `frugalray.devices.resolve_placement` (`device`, `accelerator`,
+`tensor_parallel_size`), decided against the running nodes and the autoscaler's node types:
+
+    CPU engine:  bundles [{CPU: engine_cpus}], enforce_eager, VLLM_CPU_KVCACHE_SPACE (+ _NUM_OF_RESERVED_CPU)
+    GPU engine:  tensor_parallel_size x {GPU: 1, CPU: 1} (+ accelerator_type), tensor_parallel_size,
+                 CUDA graphs (no enforce_eager), no VLLM_CPU_* variables
+
+and the ingress applies the vLLM-CPU workarounds only to a CPU engine (frugalray.serve.gate).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
+from frugalray.config import ConfigError
+from frugalray.devices import ClusterDevices, Placement, resolve_placement
 from frugalray.models import engine_dtype_default
-from frugalray.ray_utils import init_ray, worker_env
+from frugalray.ray_utils import init_ray, wait_for_placement, worker_env
 from frugalray.serve.config import ResolvedServe, ServeConfig, api_key_digest, preflight, resolve_api_key
 
 log = logging.getLogger(__name__)
@@ -28,17 +41,81 @@ def base_url_for(cfg: ServeConfig) -> str:
     return f"http://{cfg.http_host}:{cfg.http_port}{prefix}/v1"
 
 
-def llm_config_for(cfg: ServeConfig, resolved: ResolvedServe):
-    from ray.serve.llm import LLMConfig
+def serve_placement(cfg: ServeConfig, cluster: ClusterDevices | None = None) -> Placement:
+    """Where the engine goes, from the config and what the cluster (and its autoscaler) can provide.
 
+    Without a cluster to ask (Ray not initialized): `auto` is a CPU engine, as before devices were
+    resolved, and `cuda` is taken at its word. `tensor_parallel_size` GPUs must fit one node.
+    """
+    tp = cfg.tensor_parallel_size
+    if cluster is None:
+        if cfg.device == "cuda":
+            return Placement("serve", "cuda", 1, {"CPU": cfg.engine_cpus, "GPU": float(tp)}, cfg.accelerator,
+                             why="asked for cuda (no Ray cluster to check)")
+        if cfg.accelerator is not None or tp > 1:
+            key = "accelerator" if cfg.accelerator is not None else "tensor_parallel_size"
+            raise ConfigError([(f"{key}: needs a GPU engine, but device is 'auto' and there is no Ray cluster to "
+                                "find one in; set device: cuda, or initialize Ray first")])
+        return Placement("serve", "cpu", 1, {"CPU": cfg.engine_cpus},
+                         why=f"{cfg.device} without a Ray cluster to ask: CPU")
+    placement = resolve_placement(
+        cfg.device, count=1, cluster=cluster, stage="serve", gpus_per_worker=float(tp),
+        cpus_per_worker=cfg.engine_cpus, accelerator=cfg.accelerator, count_field="engine_cpus",
+    )
+    if not placement.use_gpu and (cfg.accelerator is not None or tp > 1):
+        # auto fell back to the CPU although the config names GPU-only settings: never silently
+        key = "accelerator" if cfg.accelerator is not None else "tensor_parallel_size"
+        want = f"{tp} x GPU" + (f" of type {cfg.accelerator}" if cfg.accelerator else "")
+        raise ConfigError([(f"{key}: the engine needs {want} on one node but neither the Ray cluster nor its "
+                            f"autoscaler can provide it ({cluster.describe()}); drop {key} for a CPU engine, or "
+                            "add such a GPU node type to the cluster config")])
+    return placement
+
+
+def resolve_serve_placement(cfg: ServeConfig) -> Placement:
+    """`serve_placement` against the live cluster when Ray is initialized, from the config alone otherwise."""
+    import ray
+
+    from frugalray.devices import cluster_devices
+
+    return serve_placement(cfg, cluster_devices() if ray.is_initialized() else None)
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """What the engine asks Ray and vLLM for on its placement (pure; `llm_config_for` wraps it)."""
+
+    platform: str  # "cpu" or "cuda": also selects the ingress's vLLM-CPU workarounds
+    bundles: list[dict[str, float]]
+    accelerator_type: str | None
+    engine_kwargs: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def engine_plan(cfg: ServeConfig, resolved: ResolvedServe, placement: Placement) -> EnginePlan:
+    """Bundles, vLLM engine args and environment for an engine placed by `placement`.
+
+    The operator's `engine_kwargs` win over every default here.
+    """
+    cuda = placement.use_gpu
     engine_kwargs: dict[str, Any] = {
-        # CUDA-graph capture does not exist on CPU; eager mode is what vLLM-CPU runs.
-        "enforce_eager": True,
         "max_model_len": cfg.max_model_len,
-        # vLLM-CPU picks bf16, which an AVX2-only CPU emulates: 4x slower decoding than fp32.
-        "dtype": engine_dtype_default(),
-        **cfg.engine_kwargs,
+        # vLLM-CPU picks bf16, which an AVX2-only CPU emulates: 4x slower decoding than fp32. A GPU: vLLM's "auto".
+        "dtype": engine_dtype_default(placement.device),
     }
+    env = worker_env()
+    if cuda:
+        engine_kwargs["tensor_parallel_size"] = cfg.tensor_parallel_size
+        # One GPU per tensor-parallel rank; vLLM's Ray executor puts one worker in each bundle.
+        bundles = [{"GPU": 1.0, "CPU": 1.0} for _ in range(cfg.tensor_parallel_size)]
+    else:
+        # CUDA-graph capture does not exist on CPU; eager mode is what vLLM-CPU runs.
+        engine_kwargs["enforce_eager"] = True
+        bundles = [{"CPU": cfg.engine_cpus}]
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
+        if cfg.engine_reserved_cpus is not None:
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(cfg.engine_reserved_cpus)
+    engine_kwargs.update(cfg.engine_kwargs)
     if resolved.adapters:
         # Static LoRA modules: vLLM loads them at start and serves each under its own name.
         # (Ray's LoraConfig only loads adapters from cloud storage.)
@@ -48,27 +125,58 @@ def llm_config_for(cfg: ServeConfig, resolved: ResolvedServe):
             max_loras=max(1, len(resolved.adapters)),
             lora_modules=[{"name": a.name, "path": a.path} for a in resolved.adapters.values()],
         )
-    env = {**worker_env(), "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib)}
-    if cfg.engine_reserved_cpus is not None:
-        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(cfg.engine_reserved_cpus)
+    return EnginePlan(placement.device, bundles, placement.accelerator if cuda else None, engine_kwargs, env)
+
+
+def describe_engine(cfg: ServeConfig, resolved: ResolvedServe, placement: Placement) -> str:
+    """The log line: "serve: 1 worker on GPU A10G (autoscaler: gpu_worker), auto, tensor_parallel_size 2"."""
+    plan = engine_plan(cfg, resolved, placement)
+    line = placement.describe(str(plan.engine_kwargs.get("dtype")))
+    return line + (f", tensor_parallel_size {cfg.tensor_parallel_size}" if placement.use_gpu else "")
+
+
+def _ray_accelerator_types() -> set[str]:
+    from ray.llm._internal.serve.core.configs.llm_config import AcceleratorType
+
+    return {t.value for t in AcceleratorType}
+
+
+def llm_config_for(cfg: ServeConfig, resolved: ResolvedServe, placement: Placement | None = None):
+    """Ray Serve LLM's config for the engine; without a placement, the one `serve_placement` gives without Ray."""
+    from ray.serve.llm import LLMConfig
+
+    plan = engine_plan(cfg, resolved, placement or serve_placement(cfg))
+    bundles = plan.bundles
+    accelerator_type = plan.accelerator_type
+    if accelerator_type is not None and accelerator_type not in _ray_accelerator_types():
+        # LLMConfig knows only Ray's own names; any other node label is asked for the same way Ray would.
+        bundles = [{**b, f"accelerator_type:{accelerator_type}": 0.001} for b in bundles]
+        accelerator_type = None
     return LLMConfig(
         model_loading_config={"model_id": cfg.model_name, "model_source": resolved.model_path},
-        engine_kwargs=engine_kwargs,
-        placement_group_config={"bundles": [{"CPU": cfg.engine_cpus}]},
-        runtime_env={"env_vars": env},
+        engine_kwargs=plan.engine_kwargs,
+        placement_group_config={"bundles": bundles},
+        accelerator_type=accelerator_type,
+        runtime_env={"env_vars": plan.env},
         deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
     )
 
 
-def build_app(cfg: ServeConfig, resolved: ResolvedServe | None = None):
-    """The Serve application (not yet running). Runs the preflight unless given its result."""
+def build_app(cfg: ServeConfig, resolved: ResolvedServe | None = None, placement: Placement | None = None):
+    """The Serve application (not yet running). Runs the preflight and resolves the engine's placement
+    (against the cluster when Ray is initialized) unless given them."""
     from ray import serve
     from ray.serve.llm import build_llm_deployment
 
+    from frugalray.serve.engine import FrugalLLMServer  # Ray Serve LLM and vLLM at its top
     from frugalray.serve.ingress import FrugalIngress  # FastAPI and Ray at its top
 
     resolved = resolved or preflight(cfg)
-    server = build_llm_deployment(llm_config_for(cfg, resolved), name_prefix=f"{cfg.app_name}-")
+    if placement is None:
+        placement = resolve_serve_placement(cfg)
+        log.info("%s", describe_engine(cfg, resolved, placement))
+    llm_config = llm_config_for(cfg, resolved, placement)
+    server = build_llm_deployment(llm_config, name_prefix=f"{cfg.app_name}-", deployment_cls=FrugalLLMServer)
     settings = {
         "model_name": cfg.model_name,
         "adapters": {name: a.lora_params for name, a in resolved.adapters.items()},
@@ -89,6 +197,8 @@ def build_app(cfg: ServeConfig, resolved: ResolvedServe | None = None):
         "request_timeout_s": cfg.request_timeout_s,
         "cascade_escalate_to": cfg.cascade_escalate_to,
         "reward_model": cfg.reward_model,
+        # which vLLM-CPU workarounds the ingress applies (frugalray.serve.gate.workarounds_for)
+        "engine_platform": placement.device,
     }
     from ray.serve.config import BackpressureConfig
 
@@ -116,11 +226,17 @@ def deploy(cfg: ServeConfig, blocking: bool = False) -> str:
 
     resolved = preflight(cfg)  # config problems surface before any Ray work
     init_ray()
+    placement = resolve_serve_placement(cfg)  # device: cuda without any GPU is refused here, naming the field
+    log.info("%s", describe_engine(cfg, resolved, placement))
+    if placement.use_gpu or placement.needs_autoscaler:
+        # Say so while the autoscaler adds the node, and refuse after capacity_timeout_s instead of letting
+        # serve.run wait forever. No device probe: the engine checks vLLM's platform where it lands.
+        wait_for_placement(placement, timeout_s=cfg.capacity_timeout_s, probe=False)
     serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
     url = base_url_for(cfg)
     for attempt in range(cfg.adapter_check_redeploys + 1):
         start = time.time()
-        serve.run(build_app(cfg, resolved), name=cfg.app_name, route_prefix=cfg.route_prefix)
+        serve.run(build_app(cfg, resolved, placement), name=cfg.app_name, route_prefix=cfg.route_prefix)
         log.info("serve app %r up in %.1fs at %s", cfg.app_name, time.time() - start, url)
         inert = inert_adapters(url, cfg)
         if not inert:

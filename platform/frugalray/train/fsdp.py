@@ -53,7 +53,14 @@ def shard_model(model: Any, reshard_after_forward: bool = True) -> Any:
     for layer in layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward)
     fully_shard(model, reshard_after_forward=reshard_after_forward)
-    model.set_gradient_divide_factor(1.0)
+    # The loss is already divided by the global batch's loss tokens, so gradients must be summed over
+    # ranks. Both settings are per FSDP module (its own parameter group): set on the root alone, the
+    # decoder layers' gradients were averaged (LoRA grad norm half a single process's, clipping at twice
+    # max_grad_norm), and a divide factor turns into NCCL's PREMUL_SUM, which gloo refuses (full fine-tuning
+    # on CPU failed). Forcing plain SUM with factor 1 is exact on both backends.
+    for module in [*layers, model]:
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
     log.info("FSDP2: sharded %d decoder layers + root", len(layers))
     return model
 

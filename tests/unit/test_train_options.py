@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
+
 from frugalray.config import ConfigError, parse_config
 from frugalray.train.batching import BatchPlan
 from frugalray.train.finetune import FinetuneConfig, option_problems

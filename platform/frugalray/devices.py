@@ -28,7 +28,7 @@ import functools
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -190,15 +190,10 @@ class NodeType:
     resources: dict[str, float]
     max_nodes: int  # how many of this type can exist at once (running ones included)
     running: int = 0
-    autoscaled: bool = False
 
     @property
     def gpus(self) -> float:
         return float(self.resources.get("GPU", 0))
-
-    @property
-    def cpus(self) -> float:
-        return float(self.resources.get("CPU", 0))
 
     @property
     def accelerator(self) -> str | None:
@@ -250,8 +245,7 @@ def node_types_from_cluster_config(config: Any) -> list[NodeType]:
         max_count = int(group.max_count)
         if max_count == 0:
             continue
-        out.append(NodeType(group.name, _resources(group.resources), max_nodes=10**6 if max_count < 0 else max_count,
-                            autoscaled=True))
+        out.append(NodeType(group.name, _resources(group.resources), max_nodes=10**6 if max_count < 0 else max_count))
     return out
 
 
@@ -265,7 +259,7 @@ def node_types_from_autoscaler_yaml(config: dict[str, Any]) -> list[NodeType]:
             continue
         max_nodes = min(int(spec.get("max_workers", global_max)), global_max)
         if max_nodes > 0:
-            out.append(NodeType(name, _resources(spec.get("resources")), max_nodes=max_nodes, autoscaled=True))
+            out.append(NodeType(name, _resources(spec.get("resources")), max_nodes=max_nodes))
     return out
 
 
@@ -310,7 +304,7 @@ def cluster_devices(config_path: str | None = None) -> ClusterDevices:
     for node_type in types:
         same = sum(1 for n in running if all(n.resources.get(k, 0) >= v for k, v in node_type.resources.items()
                                              if k in ("CPU", "GPU") or k.startswith(ACCELERATOR_PREFIX)))
-        counted.append(NodeType(node_type.name, node_type.resources, node_type.max_nodes, same, True))
+        counted.append(NodeType(node_type.name, node_type.resources, node_type.max_nodes, same))
     return ClusterDevices(tuple(running), tuple(counted), source)
 
 
@@ -329,7 +323,6 @@ class Placement:
     needs_autoscaler: bool = False  # not all of them fit on the running nodes
     device_memory_bytes: int | None = None  # per GPU, when the accelerator type says
     why: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def use_gpu(self) -> bool:

@@ -20,8 +20,7 @@ from frugalray.devices import (
 
 CPU_HEAD = NodeType("head", {"CPU": 8.0}, max_nodes=1, running=1)
 GPU_NODE = NodeType("n1", {"CPU": 4.0, "GPU": 1.0, "accelerator_type:A10G": 1.0}, max_nodes=1, running=1)
-GPU_TYPE = NodeType("gpu_worker", {"CPU": 4.0, "GPU": 1.0, "accelerator_type:A10G": 1.0}, max_nodes=2,
-                    autoscaled=True)
+GPU_TYPE = NodeType("gpu_worker", {"CPU": 4.0, "GPU": 1.0, "accelerator_type:A10G": 1.0}, max_nodes=2)
 
 SHIPPED_STYLE_YAML = {
     "max_workers": 4,
@@ -101,7 +100,7 @@ def test_auto_with_too_few_gpus_falls_back_to_cpu_but_cuda_is_refused_naming_the
 
 
 def test_cuda_without_any_gpu_anywhere_is_refused_before_launch_naming_the_field():
-    cluster = ClusterDevices(running=(CPU_HEAD,), autoscaler=(NodeType("cpu", {"CPU": 16.0}, 4, autoscaled=True),),
+    cluster = ClusterDevices(running=(CPU_HEAD,), autoscaler=(NodeType("cpu", {"CPU": 16.0}, 4),),
                              autoscaler_source="autoscaler config /x.yaml")
     with pytest.raises(ConfigError) as err:
         resolve_placement("cuda", count=1, cluster=cluster, stage="score", field_prefix="score.")
@@ -135,7 +134,7 @@ def test_dtype_follows_the_target_device_and_explicit_values_are_kept():
     cluster = ClusterDevices(running=(CPU_HEAD,), autoscaler=(GPU_TYPE,))
     gpu = resolve_placement("cuda", count=1, cluster=cluster, stage="score")
     t4 = resolve_placement("cuda", count=1, cluster=ClusterDevices(
-        autoscaler=(NodeType("t4", {"CPU": 4.0, "GPU": 1.0, "accelerator_type:T4": 1.0}, 1, autoscaled=True),)),
+        autoscaler=(NodeType("t4", {"CPU": 4.0, "GPU": 1.0, "accelerator_type:T4": 1.0}, 1),)),
         stage="score", accelerator="T4")
     avx2 = LocalDevices(cpu_bf16=False)
     cpu = resolve_placement("cpu", count=1, cluster=cluster, stage="score")

@@ -115,7 +115,7 @@ def test_the_engine_log_line_names_device_node_type_and_dtype():
 HEAD = NodeType("head", {"CPU": 8.0}, max_nodes=1, running=1)
 CPU_ONLY = ClusterDevices(running=(HEAD,))
 GPU_LATER = ClusterDevices(running=(HEAD,), autoscaler=(
-    NodeType("gpu_worker", {"CPU": 8.0, "GPU": 1.0, "accelerator_type:A10G": 1.0}, max_nodes=2, autoscaled=True),),
+    NodeType("gpu_worker", {"CPU": 8.0, "GPU": 1.0, "accelerator_type:A10G": 1.0}, max_nodes=2),),
     autoscaler_source="test")
 
 

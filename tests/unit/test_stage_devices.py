@@ -31,8 +31,7 @@ CPU_ONLY = ClusterDevices(running=(NodeType("head", {"CPU": 8.0}, max_nodes=1, r
 # The shipped cluster.yaml's shape: a CPU head, GPU workers the autoscaler adds on demand.
 AUTOSCALED_GPUS = ClusterDevices(
     running=CPU_ONLY.running,
-    autoscaler=(NodeType("gpu_worker", {"CPU": 8.0, "GPU": 1.0, "accelerator_type:A10G": 1.0}, max_nodes=2,
-                         autoscaled=True),),
+    autoscaler=(NodeType("gpu_worker", {"CPU": 8.0, "GPU": 1.0, "accelerator_type:A10G": 1.0}, max_nodes=2),),
     autoscaler_source="test",
 )
 NO_BF16_CPU = LocalDevices(cpu_bf16=False)
@@ -187,7 +186,7 @@ def test_dtype_auto_follows_the_device(monkeypatch):
     assert scoring_dtype(cfg, gpu) == "bfloat16"
     t4 = scorer_placement(cfg.model_copy(update={"accelerator": "T4"}),
                           ClusterDevices(autoscaler=(NodeType("t4", {"CPU": 4, "GPU": 1, "accelerator_type:T4": 1},
-                                                              max_nodes=1, autoscaled=True),)))
+                                                              max_nodes=1),)))
     assert scoring_dtype(cfg, t4) == "float32"  # pre-Ampere: no bf16 tensor cores
     monkeypatch.setattr(devices, "local_devices", lambda: BF16_CPU)
     assert scoring_dtype(cfg, cpu) == "bfloat16"  # AVX512-BF16 / AMX

@@ -62,13 +62,12 @@ def serve_placement(cfg: ServeConfig, cluster: ClusterDevices | None = None) -> 
         cfg.device, count=1, cluster=cluster, stage="serve", gpus_per_worker=float(tp),
         cpus_per_worker=cfg.engine_cpus, accelerator=cfg.accelerator, count_field="engine_cpus",
     )
-    if not placement.use_gpu and (cfg.accelerator is not None or tp > 1):
-        # auto fell back to the CPU although the config names GPU-only settings: never silently
-        key = "accelerator" if cfg.accelerator is not None else "tensor_parallel_size"
-        want = f"{tp} x GPU" + (f" of type {cfg.accelerator}" if cfg.accelerator else "")
-        raise ConfigError([(f"{key}: the engine needs {want} on one node but neither the Ray cluster nor its "
-                            f"autoscaler can provide it ({cluster.describe()}); drop {key} for a CPU engine, or "
-                            "add such a GPU node type to the cluster config")])
+    if not placement.use_gpu and tp > 1:
+        # auto fell back to the CPU although tensor parallelism is GPU-only: never silently. (An
+        # accelerator under auto is already a GPU request in resolve_placement.)
+        raise ConfigError([(f"tensor_parallel_size: the engine needs {tp} x GPU on one node but neither the Ray "
+                            f"cluster nor its autoscaler can provide it ({cluster.describe()}); drop "
+                            "tensor_parallel_size for a CPU engine, or add such a GPU node type to the cluster config")])
     return placement
 
 

@@ -174,6 +174,7 @@ class LoopbackCluster:
         ], self.head_cpus, {})
         self.nodes["head"] = head
         self.wait_for_nodes(1, timeout_s)
+        self.wait_for_job_agent(timeout_s)
         for cpus in self.worker_cpus:
             self.add_worker(cpus, timeout_s=timeout_s)
         return self
@@ -266,6 +267,30 @@ class LoopbackCluster:
                 last_error = err
             time.sleep(2)
         raise TimeoutError(f"{count} alive nodes not reached in {timeout_s:.0f}s (last error: {last_error})")
+
+    def wait_for_job_agent(self, timeout_s: float = 180.0) -> None:
+        """Wait until the head's dashboard agent has registered, which Ray's Jobs API needs to take a job.
+
+        A head is ALIVE before its agent is up; on a loaded 2-core machine the agent took long enough
+        that every submission right after start was refused ("No available agent to submit job").
+        """
+        from ray._private import ray_constants
+        from ray._raylet import GcsClient
+        from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+
+        gcs = GcsClient(address=self.address)
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            head_id = gcs.internal_kv_get(ray_constants.KV_HEAD_NODE_ID_KEY, namespace=ray_constants.KV_NAMESPACE_JOB,
+                                          timeout=10)
+            if head_id and gcs.internal_kv_get(f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{head_id.decode()}".encode(),
+                                               namespace=ray_constants.KV_NAMESPACE_DASHBOARD, timeout=10):
+                return
+            time.sleep(1)
+        session = gcs.internal_kv_get(b"session_dir", namespace=ray_constants.KV_NAMESPACE_SESSION, timeout=10)
+        agent_log = Path(session.decode() if session else "/nonexistent") / "logs" / "dashboard_agent.log"
+        tail = agent_log.read_text()[-3000:] if agent_log.exists() else f"(no {agent_log})"
+        raise TimeoutError(f"the head's dashboard agent did not register in {timeout_s:.0f}s; {agent_log}:\n{tail}")
 
     def node_names_by_id(self) -> dict[str, str]:
         """Ray node id -> our node name (head / workerN), from each node's custom resource."""

@@ -36,6 +36,8 @@ UPLOAD_EXCLUDES = [".venv", ".git", "**/__pycache__", ".pytest_cache", ".hypothe
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+AGENT_WAIT_S = 180.0  # how long a submission waits for a just-started head's job agent
+AGENT_RETRY_S = 5.0
 
 
 def job_server_address(address: str | None) -> str:
@@ -156,15 +158,37 @@ def submit(plan: SubmitPlan, wait: bool = True, out=sys.stdout) -> tuple[str, st
     # then lose its package mid-run (ray-project/ray#23423). An hour covers a long queue.
     os.environ.setdefault("RAY_RUNTIME_ENV_TEMPORARY_REFERENCE_EXPIRATION_S", "3600")
     client = _client(plan.address)
-    submission_id = client.submit_job(
-        entrypoint=plan.entrypoint, runtime_env=plan.runtime_env,
-        metadata={"frugalray_stage": plan.stage},
-    )
+    submission_id = _submit_when_agent_ready(client, plan)
     log.info("submitted %s as %s to %s: %s (runtime_env %s)", plan.stage, submission_id, plan.address,
              plan.entrypoint, redact(plan.runtime_env))
     if not wait:
         return submission_id, str(client.get_job_status(submission_id))
     return submission_id, follow(client, submission_id, out)
+
+
+def agent_not_ready(err: Exception) -> bool:
+    """The Jobs API's answer while the head's job agent has not registered yet (a just-started cluster)."""
+    return "No available agent to submit job" in str(err)
+
+
+def _submit_when_agent_ready(client, plan: SubmitPlan, agent_wait_s: float = AGENT_WAIT_S) -> str:
+    # A head that has just come up (`ray up`, `ray start --head`, a KubeRay pod) answers 500 "No available
+    # agent" until its dashboard agent registers, tens of seconds on a loaded node; Ray says to try again.
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=plan.entrypoint, runtime_env=plan.runtime_env,
+                                     metadata={"frugalray_stage": plan.stage})
+        except RuntimeError as err:
+            left = deadline - time.monotonic()
+            if not agent_not_ready(err) or left <= 0:
+                if agent_not_ready(err):
+                    raise RuntimeError(
+                        f"{plan.address}: the cluster's job agent did not come up in {agent_wait_s:.0f}s; "
+                        "check `ray status` and the head's dashboard_agent.log") from err
+                raise
+            log.warning("%s: the head's job agent is not up yet; retrying for %.0fs more", plan.address, left)
+            time.sleep(min(AGENT_RETRY_S, max(left, 0.1)))
 
 
 def follow(client, submission_id: str, out=sys.stdout) -> str:

@@ -7,6 +7,7 @@ import pytest
 from frugalray.config import ConfigError
 from frugalray.submit import (
     REPO_ROOT,
+    _submit_when_agent_ready,
     extra_requirements,
     is_loopback,
     job_server_address,
@@ -86,3 +87,39 @@ def test_redaction_matches_secret_words_not_substrings():
     env = shown["env_vars"]
     assert env["OPENAI_API_KEY"] == env["AWS_SECRET_ACCESS_KEY"] == env["DB_PASSWORD"] == env["GITHUBTOKEN"] == "***"
     assert env["TOKENIZERS_PARALLELISM"] == "false" and env["KEYBOARD_LAYOUT"] == "us"
+
+
+class _JobsAPIWhileTheAgentStarts:
+    """Answers as Ray's Jobs API does until the head's dashboard agent registers (pure retry logic)."""
+
+    def __init__(self, not_ready_answers: int, other_error: Exception | None = None):
+        self.not_ready_answers, self.other_error, self.calls = not_ready_answers, other_error, 0
+
+    def submit_job(self, **_):
+        self.calls += 1
+        if self.other_error is not None:
+            raise self.other_error
+        if self.calls <= self.not_ready_answers:
+            raise RuntimeError("Request failed with status code 500: No available agent to submit job, "
+                               "please try again later..")
+        return "raysubmit_ok"
+
+
+def test_submission_waits_for_a_just_started_heads_job_agent(monkeypatch):
+    import frugalray.submit as submit_module
+
+    monkeypatch.setattr(submit_module, "AGENT_RETRY_S", 0.01)
+    plan = plan_submission("finetune", "jobs/configs/finetune.yaml", [], address="http://127.0.0.1:8265")
+    client = _JobsAPIWhileTheAgentStarts(not_ready_answers=2)
+    assert _submit_when_agent_ready(client, plan, agent_wait_s=5) == "raysubmit_ok"
+    assert client.calls == 3
+
+    # An agent that never comes: a named error after the wait, not an endless loop.
+    with pytest.raises(RuntimeError, match="job agent did not come up in 0s"):
+        _submit_when_agent_ready(_JobsAPIWhileTheAgentStarts(not_ready_answers=10**6), plan, agent_wait_s=0)
+
+    # Any other refusal is the user's to see at once.
+    bad = _JobsAPIWhileTheAgentStarts(0, other_error=RuntimeError("Request failed with status code 400: bad"))
+    with pytest.raises(RuntimeError, match="400"):
+        _submit_when_agent_ready(bad, plan, agent_wait_s=5)
+    assert bad.calls == 1

@@ -11,7 +11,10 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from frugalray.config import ConfigError
@@ -152,22 +155,43 @@ def cmd_stage(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    """Deploy the first application of a Serve config file and keep it up until Ctrl-C."""
-    import time
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    from frugalray.serve.app import deploy
+
+def serve_until_stopped(stop: Callable[[], None], ready: str) -> int:
+    """Print `ready`, block until Ctrl-C or SIGTERM, then `stop()` and return 0.
+
+    Process managers and Kubernetes stop a service with SIGTERM; under Ray's own handler it died with
+    a fatal-signal trace ("*** SIGTERM received ... clock_nanosleep") and left the app behind. Installed
+    after Ray started, so it replaces Ray's handler in this driver, and before `ready` is printed.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        print(ready, flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt as why:
+        print(f"{str(why) or 'SIGINT'}: shutting down", flush=True)
+        stop()
+        return 0
+
+
+def cmd_serve(args) -> int:
+    """Deploy the first application of a Serve config file and keep it up until Ctrl-C or SIGTERM."""
+    from frugalray.serve.app import deploy, shutdown_app
 
     cfg = load_stage_config("serve", args.config, args.overrides)
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
     url = deploy(cfg)  # validates the adapters and model, then joins or starts Ray
-    print(f"serving {cfg.model_name} {sorted(cfg.adapters)} at {url} (OpenAI API); Ctrl-C stops")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        return 0
+
+    def stop() -> None:
+        shutdown_app(cfg.app_name)
+        print(f"serve app {cfg.app_name!r} deleted", flush=True)
+
+    return serve_until_stopped(
+        stop, f"serving {cfg.model_name} {sorted(cfg.adapters)} at {url} (OpenAI API); Ctrl-C or SIGTERM stops")
 
 
 def cmd_pipeline(args) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 from ray.llm._internal.serve.core.server.llm_server import LLMServer
 
 from frugalray.devices import DeviceUnavailable
+from frugalray.serve.adapter_probe import ADAPTER_PROBE_KEY, inert_adapters, inert_message, probe_request
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ def _this_node() -> str:
 
 
 class FrugalLLMServer(LLMServer):
-    """`LLMServer` (same constructors, same deployment options) whose start checks vLLM's platform first."""
+    """`LLMServer` (same constructors, same deployment options) whose start checks vLLM's platform first
+    and, after the engine is up, that every static LoRA adapter is in effect (serve.adapter_probe)."""
 
     async def start(self):
         pg_config = self._llm_config.placement_group_config
@@ -76,3 +78,32 @@ class FrugalLLMServer(LLMServer):
             check_engine_platform(pg_config, platform, _this_node())
             log.info("serve engine: vLLM platform %s on a node placed for GPU", platform)
         await super().start()
+        names = self.adapter_names()
+        if names and self._llm_config.experimental_configs.get(ADAPTER_PROBE_KEY):
+            inert = await self.inert_adapters(names)
+            if inert:
+                raise RuntimeError(inert_message(inert))
+            log.info("serve engine: adapters %s are in effect (probe differs from the base model)", names)
+
+    def unfinished_requests(self) -> int:
+        """Requests vLLM's frontend still tracks (running or waiting); 0 once every cancelled one is aborted."""
+        return int(self.engine._engine_client.get_num_unfinished_requests())
+
+    def adapter_names(self) -> list[str]:
+        return [module["name"] for module in self._llm_config.engine_kwargs.get("lora_modules") or []]
+
+    async def inert_adapters(self, names: list[str]) -> list[str]:
+        """Those of `names` (served model ids) whose probe distribution equals the base model's."""
+        base_top = await self._probe_top_logprobs(self._llm_config.model_loading_config.model_id)
+        return inert_adapters(base_top, {name: await self._probe_top_logprobs(name) for name in names})
+
+    async def _probe_top_logprobs(self, model: str) -> dict[str, float]:
+        from ray.llm._internal.serve.core.configs.openai_api_models import CompletionRequest
+
+        result = None
+        async for item in await self.completions(CompletionRequest(**probe_request(model))):
+            result = item
+        choices = getattr(result, "choices", None)
+        if not choices:
+            raise RuntimeError(f"adapter probe of {model!r}: the engine answered {result!r}")
+        return dict(choices[0].logprobs.top_logprobs[0])

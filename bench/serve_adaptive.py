@@ -19,7 +19,7 @@ temperature is its own table group with its own SC@k baseline.
 2. GREEDY: compute_budget strategy greedy (one T=0 decode).
 3. SERVER adaptive runs (the real thing): compute_budget strategy adaptive_consistency and
    auto at several confidences; samples, FLOPs, answer and stopped_early come from the
-   response's `usage`. These draw fresh samples, so their accuracy differs from SC@16's by
+   response's `usage.frugalray`. These draw fresh samples, so their accuracy differs from SC@16's by
    sampling noise as well as by the stopping rule.
 4. SIM (an extra, clearly labelled column): the same stopping policies
    (`frugalray.serve.stopping`) replayed on the pooled samples in order. Paired with SC@16
@@ -55,7 +55,7 @@ from typing import Any
 from frugalray.examples.answers import extract_answer
 from frugalray.serve.samples import samples_from_choices
 from frugalray.serve.stopping import Limits, RoundPlan, Sample, majority_vote, make_policy, run_policy
-from frugalray.serve.usage import request_flops
+from frugalray.serve.usage import request_flops, usage_extension
 
 log = logging.getLogger("bench.serve_adaptive")
 
@@ -355,7 +355,7 @@ def pooled_request(client, prompt: str, max_tokens: int, temperature: float) -> 
     samples = samples_from_choices(choices, [resp["usage"]["completion_tokens"]], "number")
     return {"pool": [{"answer": s.answer, "completion_tokens": s.completion_tokens, "mean_logprob": s.mean_logprob}
                      for s in samples],
-            "prompt_tokens": resp["usage"]["prompt_tokens"], "server_flops": resp["usage"].get("flops")}
+            "prompt_tokens": resp["usage"]["prompt_tokens"], "server_flops": usage_extension(resp["usage"]).get("flops")}
 
 
 def budgeted_request(client, prompt: str, max_tokens: int, temperature: float, budget: dict[str, Any]
@@ -364,7 +364,7 @@ def budgeted_request(client, prompt: str, max_tokens: int, temperature: float, b
         model=MODEL_NAME, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
         temperature=temperature, extra_body={"compute_budget": {"answer_extractor": "number", **budget}},
     ).model_dump()
-    usage = resp["usage"]
+    usage = usage_extension(resp["usage"])  # frugalray's figures (OpenAI's fields stay at the top)
     text = resp["choices"][0]["message"]["content"]
     answer = usage.get("answer", extract_answer(text, "number"))
     return {"answer": answer, "samples": usage["samples"], "flops": usage["flops"],

@@ -27,6 +27,14 @@ SERVED_MODEL_NAME = "smollm2-135m-instruct"
 ADAPTER_NAME = "smollm2-test-adapter"
 API_KEY_ENV = "FRUGALRAY_TEST_API_KEY"
 # Admission control of the test app: small, so that a test can overflow it cheaply.
+# Tenants of the session's server (frugalray.serve.tenants): the key above is the unlimited "default";
+# these have budgets per hour, each spent by one test of test_serve_tenants.py.
+TENANT_BUDGETS = {
+    "tiny": {"completion_tokens": 30},
+    "burst": {"flops": 5.0e11},  # about 15 of test_serve_tenants' burst requests
+    "crash": {"flops": 2.0e12},
+}
+INGRESS_REPLICAS = 2
 INGRESS_MAX_ONGOING = 6
 MAX_QUEUED = 4
 RETRY_AFTER_S = 2.0
@@ -62,14 +70,24 @@ def lora_adapter_dir(default_model_path, tmp_path_factory) -> str:
     return str(out)
 
 
+def tenant_key_env(tenant: str) -> str:
+    return f"FRUGALRAY_TEST_KEY_{tenant.upper()}"
+
+
 @pytest.fixture(scope="session")
-def served_model(ray_cluster, default_model_path, lora_adapter_dir):
+def served_model(ray_cluster, default_model_path, lora_adapter_dir, tmp_path_factory):
     from frugalray.serve.app import deploy, shutdown_app
     from frugalray.serve.config import ServeConfig
 
     os.environ.setdefault(API_KEY_ENV, "frugalray-test-" + secrets.token_hex(8))
+    for tenant in TENANT_BUDGETS:
+        os.environ.setdefault(tenant_key_env(tenant), f"frugalray-{tenant}-" + secrets.token_hex(8))
     cfg = ServeConfig(
         api_key_env=API_KEY_ENV,
+        tenants={name: {"api_key_env": tenant_key_env(name), "budget": budget}
+                 for name, budget in TENANT_BUDGETS.items()},
+        ledger_path=str(tmp_path_factory.mktemp("serve") / "tenants.sqlite"),
+        ingress_replicas=INGRESS_REPLICAS,
         ingress_max_ongoing_requests=INGRESS_MAX_ONGOING,
         max_queued_requests=MAX_QUEUED,
         retry_after_s=RETRY_AFTER_S,
@@ -99,5 +117,16 @@ def served_model(ray_cluster, default_model_path, lora_adapter_dir):
         "startup_s": startup_s,
         "config": cfg,
         "api_key": os.environ[API_KEY_ENV],
+        "tenant_keys": {name: os.environ[tenant_key_env(name)] for name in TENANT_BUDGETS},
     }
     shutdown_app(cfg.app_name)
+
+
+@pytest.fixture(scope="session")
+def engine_handle(served_model):
+    """A Serve handle to the session app's engine deployment (frugalray.serve.engine.FrugalLLMServer)."""
+    from ray import serve
+
+    deployments = serve.status().applications[served_model["app_name"]].deployments
+    (engine,) = [name for name in deployments if not name.endswith("-ingress")]
+    return serve.get_deployment_handle(engine, app_name=served_model["app_name"])

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 from frugalray.examples.answers import extract_answer
-from frugalray.serve.app import ADAPTER_PROBE, inert_adapters
-from frugalray.serve.usage import request_flops
+from frugalray.serve.adapter_probe import ADAPTER_PROBE
+from frugalray.serve.usage import request_flops, usage_extension
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 QUESTION = "What is 3 + 4? Reply with only the number."
@@ -44,8 +44,9 @@ def test_chat_completion_answers_with_flops(client, served_model):
     assert resp.choices[0].message.content.strip()
     usage = resp.usage
     assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
-    assert usage.model_extra["samples"] == 1
-    assert usage.model_extra["flops"] == pytest.approx(
+    assert set(usage.model_extra) == {"frugalray"}  # OpenAI's fields, then the one extension
+    assert usage_extension(usage)["samples"] == 1
+    assert usage_extension(usage)["flops"] == pytest.approx(
         request_flops(_shape(served_model), usage.prompt_tokens, [usage.completion_tokens])
     )
 
@@ -60,7 +61,7 @@ def test_compute_budget_draws_samples_and_sums_tokens(client, served_model):
     # A prompt that never stops early: every sample runs to max_tokens, so the sum is exact.
     resp = _chat(client, served_model["model"], LONG_PROMPT, max_tokens=8,
                  extra_body={"compute_budget": {"max_samples": 4, "answer_extractor": "exact"}})
-    usage = resp.usage.model_extra
+    usage = usage_extension(resp.usage)
     assert len(resp.choices) == 1
     assert usage["samples"] == 4
     assert resp.usage.completion_tokens == 4 * 8
@@ -73,7 +74,7 @@ def test_compute_budget_draws_samples_and_sums_tokens(client, served_model):
 def test_self_consistency_returns_a_majority_sample(client, served_model):
     resp = _chat(client, served_model["model"], QUESTION, max_tokens=12,
                  extra_body={"compute_budget": {"max_samples": 5, "strategy": "self_consistency"}})
-    usage = resp.usage.model_extra
+    usage = usage_extension(resp.usage)
     assert usage["samples"] == 5
     counts = usage["answer_counts"]
     if usage["answer"] is not None:
@@ -86,7 +87,7 @@ def test_greedy_budget_is_one_deterministic_sample(client, served_model):
     budget = {"compute_budget": {"max_samples": 4, "strategy": "greedy"}}
     first = _chat(client, served_model["model"], QUESTION, max_tokens=8, extra_body=budget)
     again = _chat(client, served_model["model"], QUESTION, max_tokens=8, extra_body=budget)
-    usage = first.usage.model_extra
+    usage = usage_extension(first.usage)
     assert usage["samples"] == 1 and usage["strategy"] == "greedy"
     assert usage["answer"] == extract_answer(first.choices[0].message.content, "number")
     assert again.choices[0].message.content == first.choices[0].message.content
@@ -96,9 +97,9 @@ def test_seeded_n_greater_than_one_does_not_kill_the_engine(client, served_model
     model = served_model["model"]
     first = _chat(client, model, LONG_PROMPT, n=3, seed=7, temperature=0.9, max_tokens=6)
     assert [c.index for c in first.choices] == [0, 1, 2]
-    assert first.usage.model_extra["samples"] == 3
+    assert usage_extension(first.usage)["samples"] == 3
     # The ingress split it into seeded single-sample requests; it never reached the engine as n>1.
-    assert first.usage.model_extra["strategy"] == "seeded_fanout"
+    assert usage_extension(first.usage)["strategy"] == "seeded_fanout"
     # Seeds still mean something: the same request gives the same samples.
     again = _chat(client, model, LONG_PROMPT, n=3, seed=7, temperature=0.9, max_tokens=6)
     assert [c.message.content for c in again.choices] == [c.message.content for c in first.choices]
@@ -128,6 +129,8 @@ def test_over_ceiling_samples_is_a_400_naming_the_param(client, served_model):
         ({"compute_budget": {"max_samples": 2}, "n": 2}, "n"),
         ({"compute_budget": {"strategy": "auto", "confidence": 2}}, "compute_budget.confidence"),
         ({"compute_budget": {"answer_extractor": "regex"}}, "compute_budget.answer_regex"),
+        # temperature 0 would make every sample the same greedy decode: refused, never replaced
+        ({"compute_budget": {"max_samples": 2}, "temperature": 0}, "temperature"),
         # FLOPs for less than one token of this prompt: refused before anything is generated
         ({"compute_budget": {"strategy": "adaptive_consistency", "max_flops": 1000}}, "compute_budget.max_flops"),
     ],
@@ -149,7 +152,7 @@ def test_adaptive_consistency_stops_early_on_an_easy_prompt(client, served_model
         extra_body={"compute_budget": {"strategy": "adaptive_consistency", "max_samples": 8,
                                        "round_size": 3, "confidence": 0.9}},
     )
-    usage = resp.usage.model_extra
+    usage = usage_extension(resp.usage)
     assert usage["strategy"] == "adaptive_consistency"
     assert usage["samples"] < 8 and usage["stopped_early"] is True, usage
     assert usage["stop_reason"] in ("confident", "window_agrees")
@@ -176,7 +179,7 @@ def test_adaptive_budgets_are_never_exceeded(client, served_model):
                  extra_body={"compute_budget": {"strategy": "adaptive_consistency", "max_samples": 8,
                                                 "round_size": 4, "confidence": 1.0, "max_flops": max_flops,
                                                 "answer_extractor": "exact"}})
-    usage = resp.usage.model_extra
+    usage = usage_extension(resp.usage)
     assert usage["flops"] <= max_flops
     assert usage["stop_reason"] == "max_flops" and usage["stopped_early"] is False
     assert usage["budget"]["max_flops"] == pytest.approx(max_flops)
@@ -185,14 +188,14 @@ def test_adaptive_budgets_are_never_exceeded(client, served_model):
                  extra_body={"compute_budget": {"strategy": "auto", "max_samples": 8, "confidence": 1.0,
                                                 "max_completion_tokens": 15, "answer_extractor": "exact"}})
     assert resp.usage.completion_tokens <= 15
-    assert resp.usage.model_extra["samples"] <= 3
+    assert usage_extension(resp.usage)["samples"] <= 3
 
 
 @pytest.mark.parametrize("strategy", ["best_of_n", "cascade", "auto"])
 def test_other_adaptive_strategies_answer_within_budget(client, served_model, strategy):
     resp = _chat(client, served_model["model"], QUESTION, max_tokens=6,
                  extra_body={"compute_budget": {"strategy": strategy, "max_samples": 4, "round_size": 2}})
-    usage = resp.usage.model_extra
+    usage = usage_extension(resp.usage)
     assert usage["strategy"] == strategy
     assert 1 <= usage["samples"] <= 4 and resp.usage.completion_tokens <= 4 * 6
     assert 0.0 <= usage["confidence"] <= 1.0
@@ -206,9 +209,50 @@ def test_seeded_adaptive_request_is_reproducible_and_safe(client, served_model):
                   extra_body=budget)
     again = _chat(client, served_model["model"], LONG_PROMPT, max_tokens=5, seed=11, temperature=0.9,
                   extra_body=budget)
-    assert first.usage.model_extra["samples"] == 4
-    assert first.usage.model_extra["prompt_passes"] == 4  # one seeded request per sample, never n>1 + seed
+    assert usage_extension(first.usage)["samples"] == 4
+    assert usage_extension(first.usage)["prompt_passes"] == 4  # one seeded request per sample, never n>1 + seed
     assert again.choices[0].message.content == first.choices[0].message.content
+
+
+def test_reasoning_effort_picks_the_operators_preset_and_explicit_fields_win(client, served_model):
+    import openai
+
+    model = served_model["model"]
+    low = _chat(client, model, QUESTION, max_tokens=8, reasoning_effort="low")
+    spent = usage_extension(low.usage)
+    assert (spent["strategy"], spent["samples"], spent["temperature"], spent["reasoning_effort"]) == (
+        "greedy", 1, 0.0, "low")
+    # medium: adaptive_consistency at 0.8 with 8 samples (this server's ceiling is 8 too)
+    medium = _chat(client, model, QUESTION, max_tokens=8, reasoning_effort="medium", seed=11)
+    spent = usage_extension(medium.usage)
+    assert spent["strategy"] == "adaptive_consistency" and 1 <= spent["samples"] <= 8
+    assert spent["temperature"] == served_model["config"].sample_temperature
+    # the request's own compute_budget wins, field by field
+    capped = _chat(client, model, QUESTION, max_tokens=8, reasoning_effort="high", seed=12,
+                   extra_body={"compute_budget": {"max_samples": 2, "confidence": 1.0}})
+    spent = usage_extension(capped.usage)
+    assert spent["strategy"] == "adaptive_consistency" and spent["samples"] == 2
+    with pytest.raises(openai.BadRequestError) as info:
+        _chat(client, model, QUESTION, max_tokens=8, extra_body={"reasoning_effort": "ultra"})
+    assert info.value.body["param"] == "reasoning_effort"
+    # vLLM's thinking budget: this model has no reasoning parser, so there is nothing to budget
+    with pytest.raises(openai.BadRequestError) as info:
+        _chat(client, model, QUESTION, max_tokens=8, extra_body={"thinking_token_budget": 16})
+    assert info.value.body["param"] == "thinking_token_budget"
+
+
+def test_top_level_limits_bound_each_sample_and_the_budget_limit_bounds_the_sum(client, served_model):
+    model = served_model["model"]
+    budget = {"strategy": "self_consistency", "max_samples": 4}
+    # max_completion_tokens at the top level (OpenAI's meaning): per sample. Four samples of up to 3 tokens.
+    each = _chat(client, model, LONG_PROMPT, max_completion_tokens=3, temperature=0.9, seed=5,
+                 extra_body={"compute_budget": budget})
+    assert usage_extension(each.usage)["samples"] == 4
+    assert 3 < each.usage.completion_tokens <= 4 * 3
+    # compute_budget.max_completion_tokens: the sum over all samples.
+    total = _chat(client, model, LONG_PROMPT, max_completion_tokens=3, temperature=0.9, seed=5,
+                  extra_body={"compute_budget": {**budget, "max_completion_tokens": 5}})
+    assert total.usage.completion_tokens <= 5
 
 
 def test_over_ceiling_max_tokens_is_rejected(client, served_model):
@@ -227,7 +271,7 @@ def test_unknown_model_is_a_404_naming_model(client):
     assert info.value.param == "model"
 
 
-def test_adapter_is_listed_and_changes_answers(client, served_model):
+def test_adapter_is_listed_and_changes_answers(client, served_model, engine_handle):
     ids = [m.id for m in client.models.list().data]
     assert ids == [served_model["model"], served_model["adapter"]]
     prompt = "Name three colors."
@@ -244,9 +288,14 @@ def test_adapter_is_listed_and_changes_answers(client, served_model):
     base_top, tuned_top = top(served_model["model"]), top(served_model["adapter"])
     shared = set(base_top) & set(tuned_top)
     assert set(base_top) != set(tuned_top) or max(abs(base_top[t] - tuned_top[t]) for t in shared) > 1e-3
-    assert inert_adapters(served_model["base_url"], served_model["config"]) == []
+    # The engine replica ran the same probe when it started (any start: deploy, serve run, a replacement);
+    # called again on the live engine it finds the adapter in effect, and the base model "inert" against itself.
+    engine = engine_handle
+    base, adapter = served_model["model"], served_model["adapter"]
+    assert engine.adapter_names.remote().result(timeout_s=60) == [adapter]
+    assert engine.inert_adapters.remote([adapter, base]).result(timeout_s=120) == [base]
     # LoRA weights add to the per-token FLOPs.
-    assert tuned.usage.model_extra["flops"] > request_flops(
+    assert usage_extension(tuned.usage)["flops"] > request_flops(
         _shape(served_model), tuned.usage.prompt_tokens, [tuned.usage.completion_tokens]
     )
 

@@ -8,6 +8,8 @@ import subprocess
 
 import pytest
 
+from frugalray.serve.usage import usage_extension
+
 QUESTION = "What is 3 + 4? Reply with only the number."
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")]
@@ -49,8 +51,9 @@ def test_curl_chat_with_a_compute_budget(served_model):
     data = json.loads(text)
     assert data["object"] == "chat.completion" and len(data["choices"]) == 1
     usage = data["usage"]
-    assert usage["samples"] == 3 and usage["strategy"] == "self_consistency"
-    assert usage["completion_tokens"] <= 3 * 8 and usage["flops"] > 0
+    figures = usage_extension(usage)
+    assert figures["samples"] == 3 and figures["strategy"] == "self_consistency"
+    assert usage["completion_tokens"] <= 3 * 8 and figures["flops"] > 0
     # and without the key, curl sees the 401 with an OpenAI error body
     status, text = _curl(served_model["base_url"] + "/chat/completions", body)
     assert status == 401 and json.loads(text)["error"]["code"] == "invalid_api_key"
@@ -96,8 +99,28 @@ def test_openai_client_n_samples_and_extra_body(client, served_model):
     resp = client.chat.completions.create(model=served_model["model"], n=3, temperature=0.9, max_tokens=4,
                                           messages=[{"role": "user", "content": QUESTION}])
     assert sorted(c.index for c in resp.choices) == [0, 1, 2]
-    assert resp.usage.model_extra["samples"] == 3
+    assert usage_extension(resp.usage)["samples"] == 3
     resp = client.completions.create(model=served_model["model"], prompt="1, 2, 3, 4,", max_tokens=3,
                                      extra_body={"compute_budget": {"strategy": "self_consistency",
                                                                     "max_samples": 2}})
-    assert len(resp.choices) == 1 and resp.usage.model_extra["samples"] == 2
+    assert len(resp.choices) == 1 and usage_extension(resp.usage)["samples"] == 2
+
+
+def test_litellm_parses_usage_and_reaches_the_extension(served_model):
+    """litellm (its own OpenAI-compatible provider and typed `Usage`) takes our responses unchanged."""
+    import litellm
+
+    common = {"model": f"openai/{served_model['model']}", "api_base": served_model["base_url"],
+              "api_key": served_model["api_key"], "messages": [{"role": "user", "content": QUESTION}],
+              "max_tokens": 8, "timeout": 180}
+    plain = litellm.completion(**common, temperature=0)
+    assert plain.choices[0].message.content.strip()
+    assert plain.usage.prompt_tokens > 0 and plain.usage.completion_tokens > 0
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+    budgeted = litellm.completion(**common, seed=3, extra_body={"compute_budget": {"max_samples": 3}})
+    usage = budgeted.usage
+    assert usage.completion_tokens >= 3  # summed over the three samples, as OpenAI sums n choices
+    assert usage.prompt_tokens_details is None or usage.prompt_tokens_details.cached_tokens >= 0
+    # the extension survives litellm's typed Usage as an extra field
+    figures = usage_extension(usage.model_dump())
+    assert figures["samples"] == 3 and figures["strategy"] == "self_consistency", usage

@@ -67,7 +67,8 @@ def test_full_queue_answers_503_with_retry_after(served_model):
     # took 0.5 s, about as long as 16 threads took to send theirs, and nothing was ever queued.
     # Four seeded samples of 16 tokens (run one after another) hold a slot for seconds.
     cfg = served_model["config"]
-    total = cfg.ingress_max_ongoing_requests + cfg.max_queued_requests + 6
+    slots = cfg.ingress_replicas * cfg.ingress_max_ongoing_requests
+    total = slots + cfg.max_queued_requests + 6
     url = served_model["base_url"] + "/chat/completions"
     client = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=total))  # one client: no per-thread set-up
 
@@ -84,7 +85,7 @@ def test_full_queue_answers_503_with_retry_after(served_model):
     assert set(statuses) <= {200, 503}, results
     rejected = [r for r in results if r[0] == 503]
     assert rejected, f"no request was turned away: {statuses}"
-    assert statuses.count(200) >= cfg.ingress_max_ongoing_requests
+    assert statuses.count(200) >= slots
     for _, retry_after, elapsed, _text in rejected:
         assert retry_after == str(int(cfg.retry_after_s))
         assert elapsed < 30  # rejected up front, not after waiting
@@ -141,4 +142,82 @@ def test_streaming_past_its_deadline_ends_with_a_timeout(served_model):
         # either the stream was cut with a timeout event, or (a very fast engine) it finished in time
         assert '"timeout_error"' in text or finished or '"finish_reason":"stop"' in text.replace(" ", ""), text[-2000:]
         assert text.rstrip().endswith("data: [DONE]")
+    _healthy_and_answering(served_model)
+
+
+def test_hostile_bodies_get_400_and_413_and_the_server_keeps_answering(served_model):
+    url = served_model["base_url"] + "/chat/completions"
+    headers = {**_auth(served_model), "Content-Type": "application/json"}
+    # What a new user tried: 100,000 nested brackets was a RecursionError inside the ingress (HTTP 500).
+    deep = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    resp = httpx.post(url, content=deep, headers=headers, timeout=60)
+    assert resp.status_code == 400, resp.text
+    assert "deeper than" in resp.json()["error"]["message"]
+    # Over the operator's max_request_body_bytes: 413, whether announced by Content-Length...
+    limit = served_model["config"].max_request_body_bytes
+    big = b'{"prompt": "' + b"x" * limit + b'", "max_tokens": 1}'
+    resp = httpx.post(served_model["base_url"] + "/completions", content=big, headers=headers, timeout=60)
+    assert resp.status_code == 413, resp.text
+    assert "max_request_body_bytes" in resp.json()["error"]["message"]
+
+    # ... or streamed in chunks without a length (refused once the limit is passed).
+    def chunks():
+        yield big[: len(big) // 2]
+        yield big[len(big) // 2:]
+
+    resp = httpx.post(served_model["base_url"] + "/completions", content=chunks(), headers=headers, timeout=60)
+    assert resp.status_code == 413, resp.text
+    _healthy_and_answering(served_model)
+
+
+def _vllm_queue_gauges() -> float | None:
+    """vLLM's own num_requests_running + num_requests_waiting, as Ray's Prometheus endpoint shows them."""
+    import ray
+
+    total, seen = 0.0, False
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        text = httpx.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=30).text
+        for line in text.splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name.endswith(("num_requests_running", "num_requests_waiting")) and not line.startswith("#"):
+                total += float(line.rsplit(" ", 1)[1])
+                seen = True
+    return total if seen else None
+
+
+def test_a_timed_out_request_frees_the_engine(served_model, engine_handle):
+    import threading
+
+    url = served_model["base_url"] + "/chat/completions"
+    # eight 64-token samples in one engine request: many seconds of decoding here, far past a 1 s deadline
+    body = _chat_body(served_model, LONG_PROMPT, max_tokens=64, temperature=0.9, timeout_s=1.0,
+                      compute_budget={"strategy": "self_consistency", "max_samples": 8})
+    assert engine_handle.unfinished_requests.remote().result(timeout_s=60) == 0  # idle, and the handle warm
+    # A replica's first request sets up its handle to the engine (seconds here, and no deadline fires while it
+    # does): warm both ingress replicas so the 1 s deadline below is spent on decoding.
+    for _ in range(4 * served_model["config"].ingress_replicas):
+        _healthy_and_answering(served_model)
+    done: dict = {}
+    sender = threading.Thread(target=lambda: done.update(resp=httpx.post(url, json=body, headers=_auth(served_model),
+                                                                          timeout=120)))
+    sender.start()
+    busy = 0
+    while sender.is_alive():
+        busy = max(busy, engine_handle.unfinished_requests.remote().result(timeout_s=30))
+    sender.join()
+    assert done["resp"].status_code == 504, done["resp"].text
+    print(f"\nengine held up to {busy} request(s) while it ran")
+    assert busy >= 1, "the engine never held the request: nothing was measured"
+    # After the 504 the engine's work is aborted, not left running: its queue is empty within seconds.
+    deadline = time.time() + 2
+    while (left := engine_handle.unfinished_requests.remote().result(timeout_s=30)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert left == 0, f"{left} request(s) still in the engine 2 s after the 504"
+    # vLLM's own gauges say so too (Ray exports a replica's metrics every 10 s, hence the longer wait).
+    deadline = time.time() + 45
+    while (gauges := _vllm_queue_gauges()) != 0 and time.time() < deadline:
+        time.sleep(2)
+    assert gauges == 0, f"vLLM num_requests_running + waiting = {gauges} after the 504"
     _healthy_and_answering(served_model)

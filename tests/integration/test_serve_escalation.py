@@ -8,7 +8,7 @@ import math
 import pytest
 
 from frugalray.serve.samples import scored_tokens_logprob
-from frugalray.serve.usage import request_flops, scoring_flops
+from frugalray.serve.usage import request_flops, scoring_flops, usage_extension
 
 LONG_PROMPT = "Write a long story about a dragon who learns to bake bread."
 
@@ -45,7 +45,7 @@ def test_cascade_escalates_to_the_adapter_and_reports_both_attempts(client, serv
     budget = {"strategy": "cascade", "max_samples": 3, "round_size": 2, "confidence": 1.0,
               "answer_extractor": "exact", "escalate_to": served_model["adapter"]}
     resp = _chat(client, served_model["model"], budget, max_tokens=5)
-    usage = resp.usage.model_extra
+    usage = usage_extension(resp.usage)
     attempts = usage["attempts"]
     assert [a["model"] for a in attempts] == [served_model["model"], served_model["adapter"]], attempts
     assert [a["samples"] for a in attempts] == [1, 2]
@@ -64,10 +64,10 @@ def test_cascade_escalates_to_the_adapter_and_reports_both_attempts(client, serv
 
 def test_cascade_stays_on_the_first_model_when_confident(client, served_model):
     resp = client.completions.create(
-        model=served_model["model"], prompt="1, 2, 3, 4, 5, 6, 7,", max_tokens=2, temperature=0,
+        model=served_model["model"], prompt="1, 2, 3, 4, 5, 6, 7,", max_tokens=2,
         extra_body={"compute_budget": {"strategy": "cascade", "max_samples": 4, "confidence": 0.05,
                                        "escalate_to": served_model["adapter"]}})
-    usage = resp.usage.model_extra
+    usage = usage_extension(resp.usage)
     assert usage["stop_reason"] == "greedy_confident"
     assert [a["model"] for a in usage["attempts"]] == [served_model["model"]]
     assert usage["answered_by"] == served_model["model"]
@@ -93,7 +93,7 @@ def test_best_of_n_scored_by_the_reward_model(client, served_model, shape, defau
     budget = {"strategy": "best_of_n", "max_samples": 3, "round_size": 3, "confidence": 1.0,
               "answer_extractor": "exact", "score_with": "reward_model"}
     resp = _chat(client, served_model["model"], budget, max_tokens=6, temperature=1.0)
-    usage = resp.usage.model_extra
+    usage = usage_extension(resp.usage)
     assert usage["scored_by"] == served_model["adapter"]
     scores = usage["sample_scores"]
     assert len(scores) == usage["samples"] == 3

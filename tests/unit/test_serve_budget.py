@@ -10,7 +10,7 @@ from frugalray.config import ConfigError, parse_config
 from frugalray.serve.config import ServeConfig, read_adapter
 from frugalray.serve.samples import samples_from_choices
 from frugalray.serve.stopping import majority_vote
-from frugalray.serve.usage import budget_usage, request_flops
+from frugalray.serve.usage import budget_usage, request_flops, usage_extension
 from frugalray.serve.validation import RequestError, parse_request
 
 SHAPE = ModelShape(n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, head_dim=64, d_ff=1536, vocab_size=49152)
@@ -127,11 +127,12 @@ def test_budget_usage_sums_tokens_and_reports_samples():
     assert usage["prompt_tokens"] == 10
     assert usage["completion_tokens"] == 12
     assert usage["total_tokens"] == 22
-    assert usage["samples"] == 3
-    assert usage["confidence"] == pytest.approx(2 / 3)
-    assert usage["flops"] == pytest.approx(request_flops(SHAPE, 10, [3, 4, 5]))
-    assert usage["stopped_early"] is False
-    assert "flops" not in budget_usage(None, 10, [3], "greedy", 1.0)
+    figures = usage_extension(usage)
+    assert figures["samples"] == 3
+    assert figures["confidence"] == pytest.approx(2 / 3)
+    assert figures["flops"] == pytest.approx(request_flops(SHAPE, 10, [3, 4, 5]))
+    assert figures["stopped_early"] is False
+    assert "flops" not in usage_extension(budget_usage(None, 10, [3], "greedy", 1.0))
 
 
 # --- ServeConfig ---------------------------------------------------------------------------

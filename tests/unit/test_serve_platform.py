@@ -7,6 +7,7 @@ import asyncio
 import json
 
 import pytest
+from fake_engine import FakeStream
 
 from frugalray.budget.flops import ModelShape
 from frugalray.config import ConfigError, parse_config
@@ -307,22 +308,6 @@ def test_prompt_logprobs_run_alone_only_on_cpu_with_adapters():
 
 # -- the ingress consults the flags (a fake engine handle, no Ray) -------------------------------
 
-class _Gen:
-    def __init__(self, item):
-        self._items = [item]
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        if not self._items:
-            raise StopAsyncIteration
-        return self._items.pop()
-
-    def cancel(self):
-        pass
-
-
 class _Response:
     def __init__(self, payload):
         self._payload = payload
@@ -347,7 +332,7 @@ class _Engine:
 
     def remote(self, request, _raw=None):
         self.calls.append((request.get("n") or 1, request.get("seed")))
-        return _Gen(_Response(request))
+        return FakeStream(_Response(request))
 
 
 def _ingress(platform: str, adapters: dict[str, int] | None = None):
@@ -385,7 +370,7 @@ def test_seeded_self_consistency_is_one_engine_request_on_cuda(platform, calls):
             "compute_budget": {"strategy": "self_consistency", "max_samples": 3}}
     result = _dispatch(ingress, body)
     assert ingress._server.calls == calls
-    assert result["usage"]["answer"] == "42"
+    assert result["usage"]["frugalray"]["answer"] == "42"
 
 
 def test_a_seeded_n_stream_is_refused_on_cpu_and_streams_on_cuda():

@@ -6,7 +6,8 @@
     shutdown_app(cfg.app_name)
 
 The application is two deployments: Ray Serve LLM's `LLMServer` running vLLM (base model
-plus the adapters as static LoRA modules; frugalray.serve.engine checks its platform) and the
+plus the adapters as static LoRA modules; frugalray.serve.engine checks its platform, and that each
+adapter is in effect, whenever a replica starts) and the
 frugalray ingress in front of it.
 
 The engine's device comes from `frugalray.devices.resolve_placement` (`device`, `accelerator`,
@@ -22,6 +23,7 @@ and the ingress applies the vLLM-CPU workarounds only to a CPU engine (frugalray
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +32,20 @@ from frugalray.config import ConfigError
 from frugalray.devices import ClusterDevices, Placement, resolve_placement
 from frugalray.models import engine_dtype_default
 from frugalray.ray_utils import init_ray, wait_for_placement, worker_env
-from frugalray.serve.config import ResolvedServe, ServeConfig, api_key_digest, preflight, resolve_api_key
+from frugalray.serve.adapter_probe import ADAPTER_PROBE_KEY
+from frugalray.serve.config import (
+    DEFAULT_TENANT,
+    ResolvedServe,
+    ServeConfig,
+    api_key_digest,
+    budgeted_tenants,
+    default_ledger_path,
+    open_ledger,
+    preflight,
+    resolve_api_key,
+)
+from frugalray.serve.effort import effort_presets
+from frugalray.serve.tenants import tenant_key_digests
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +116,8 @@ def engine_plan(cfg: ServeConfig, resolved: ResolvedServe, placement: Placement)
         "max_model_len": cfg.max_model_len,
         # vLLM-CPU picks bf16, which an AVX2-only CPU emulates: 4x slower decoding than fp32. A GPU: vLLM's "auto".
         "dtype": engine_dtype_default(placement.device),
+        # usage.prompt_tokens_details.cached_tokens: vLLM reports prefix-cache hits only when asked.
+        "enable_prompt_tokens_details": True,
     }
     env = worker_env()
     if cuda:
@@ -158,7 +175,36 @@ def llm_config_for(cfg: ServeConfig, resolved: ResolvedServe, placement: Placeme
         accelerator_type=accelerator_type,
         runtime_env={"env_vars": plan.env},
         deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
+        # Every engine replica checks its adapters when it starts (frugalray.serve.engine).
+        experimental_configs={ADAPTER_PROBE_KEY: bool(resolved.adapters) and cfg.adapter_check_redeploys > 0},
     )
+
+
+def tenant_digests(cfg: ServeConfig) -> dict[str, str]:
+    """API key digest -> tenant, read from the environment of the process that builds the app."""
+    digests = tenant_key_digests(cfg.tenants, os.environ)
+    key = resolve_api_key(cfg)
+    if key is not None:
+        if api_key_digest(key) in digests:
+            owner = digests[api_key_digest(key)]
+            raise ConfigError([(f"api_key_env: the same key as tenants.{owner}; give each its own key so "
+                                "requests charge the right budget")])
+        digests[api_key_digest(key)] = DEFAULT_TENANT
+    return digests
+
+
+def start_tenant_ledger(cfg: ServeConfig) -> str | None:
+    """Start (or find) the app's tenant ledger when a tenant has a budget; its actor name for the ingress."""
+    if not budgeted_tenants(cfg):
+        return None
+    from frugalray.serve.ledger_service import ledger_actor_name, start_ledger
+
+    path = default_ledger_path(cfg)
+    open_ledger(cfg).close()  # a missing or unwritable path is refused here, naming it
+    # A live request ends by request_timeout_s; a reservation older than that lost its request.
+    start_ledger(cfg.app_name, path, expiry_s=cfg.request_timeout_s + 60.0)
+    log.info("tenant budgets %s held in %s", sorted(budgeted_tenants(cfg)), path)
+    return ledger_actor_name(cfg.app_name)
 
 
 def build_app(cfg: ServeConfig, resolved: ResolvedServe | None = None, placement: Placement | None = None):
@@ -191,9 +237,16 @@ def build_app(cfg: ServeConfig, resolved: ResolvedServe | None = None, placement
         "default_round_size": cfg.default_round_size,
         "agreement_window": cfg.agreement_window,
         "stop_rule": cfg.stop_rule,
-        # Only the key's digest travels to the replica (deployment args live in the controller).
-        "api_key_sha256": api_key_digest(key) if (key := resolve_api_key(cfg)) else None,
+        # Only the keys' digests travel to the replicas (deployment args live in the controller):
+        # digest -> tenant; the single api_key/api_key_env is the tenant "default".
+        "tenant_digests": tenant_digests(cfg),
+        "tenant_budgets": budgeted_tenants(cfg),
+        "ledger": start_tenant_ledger(cfg),
         "request_timeout_s": cfg.request_timeout_s,
+        "max_request_body_bytes": cfg.max_request_body_bytes,
+        "effort_presets": effort_presets(cfg.reasoning_effort_presets, cfg.max_samples_ceiling)[0],
+        # vLLM takes a per-request thinking_token_budget only from a model served with a reasoning parser.
+        "reasoning_parser": cfg.engine_kwargs.get("reasoning_parser"),
         "cascade_escalate_to": cfg.cascade_escalate_to,
         "reward_model": cfg.reward_model,
         # which vLLM-CPU workarounds the ingress applies (frugalray.serve.gate.workarounds_for)
@@ -204,7 +257,7 @@ def build_app(cfg: ServeConfig, resolved: ResolvedServe | None = None, placement
     ingress = serve.deployment(
         FrugalIngress,
         name=f"{cfg.app_name}-ingress",
-        num_replicas=1,
+        num_replicas=cfg.ingress_replicas,
         max_ongoing_requests=cfg.ingress_max_ongoing_requests,
         # A full queue: Serve's proxy answers 503 with Retry-After itself, before the ingress runs.
         max_queued_requests=cfg.max_queued_requests,
@@ -235,53 +288,29 @@ def deploy(cfg: ServeConfig, blocking: bool = False) -> str:
     url = base_url_for(cfg)
     for attempt in range(cfg.adapter_check_redeploys + 1):
         start = time.time()
-        serve.run(build_app(cfg, resolved, placement), name=cfg.app_name, route_prefix=cfg.route_prefix)
-        log.info("serve app %r up in %.1fs at %s", cfg.app_name, time.time() - start, url)
-        inert = inert_adapters(url, cfg)
-        if not inert:
+        try:
+            # An engine replica whose adapters answer like the base model refuses to start; Serve retries it.
+            serve.run(build_app(cfg, resolved, placement), name=cfg.app_name, route_prefix=cfg.route_prefix)
             break
-        log.warning("adapter(s) %s answer exactly like the base model: vLLM is not applying them "
-                    "(attempt %d); redeploying", inert, attempt + 1)
-        serve.delete(cfg.app_name, _blocking=True)
-    else:
-        raise RuntimeError(
-            f"adapters {inert} had no effect on the served model after {cfg.adapter_check_redeploys + 1} "
-            "deployments (their next-token log-probabilities equal the base model's); check that they are "
-            "trained (a fresh PEFT adapter is a no-op) or set adapter_check_redeploys: 0 to serve them anyway"
-        )
+        except RuntimeError as err:
+            if "answer exactly like the base model" not in str(err) or attempt == cfg.adapter_check_redeploys:
+                raise
+            log.warning("engine refused inert adapters (deployment %d of %d); redeploying: %s", attempt + 1,
+                        cfg.adapter_check_redeploys + 1, err)
+            serve.delete(cfg.app_name, _blocking=True)
+    log.info("serve app %r up in %.1fs at %s", cfg.app_name, time.time() - start, url)
     if blocking:
         while True:
             time.sleep(3600)
     return url
 
 
-ADAPTER_PROBE = "The capital of France is"
-
-
-def inert_adapters(base_url: str, cfg: ServeConfig) -> list[str]:
-    """Adapters whose top next-token log-probabilities equal the base model's on a probe prompt."""
-    if not cfg.adapters or cfg.adapter_check_redeploys == 0:
-        return []
-    import openai
-
-    client = openai.OpenAI(base_url=base_url, api_key=resolve_api_key(cfg) or "unused", timeout=120, max_retries=2)
-
-    def top_logprobs(model: str) -> dict[str, float]:
-        resp = client.completions.create(model=model, prompt=ADAPTER_PROBE, max_tokens=1, temperature=0, logprobs=5)
-        return dict(resp.choices[0].logprobs.top_logprobs[0])
-
-    base = top_logprobs(cfg.model_name)
-    inert = []
-    for name in cfg.adapters:
-        tuned = top_logprobs(name)
-        same_tokens = set(tuned) == set(base)
-        if same_tokens and all(abs(tuned[t] - base[t]) < 1e-4 for t in base):
-            inert.append(name)
-    return inert
-
-
 def shutdown_app(app_name: str) -> None:
-    """Delete one application (the engine and its ingress); Serve itself keeps running."""
+    """Delete one application (the engine and its ingress) and stop its tenant ledger (its file stays);
+    Serve itself keeps running."""
     from ray import serve
 
+    from frugalray.serve.ledger_service import stop_ledger
+
     serve.delete(app_name, _blocking=True)
+    stop_ledger(app_name)

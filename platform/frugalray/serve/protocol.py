@@ -31,8 +31,27 @@ Fields (all optional; the operator's ServeConfig sets the defaults and the ceili
 - `score_with` (best_of_n only): `logprob` (default: each sample's own mean token logprob) or
   `reward_model` (the mean logprob the operator's `reward_model` gives the sample's tokens).
 
+Limits, which is which: the top-level `max_tokens` / `max_completion_tokens` bound *each sample*
+(OpenAI's meaning); `compute_budget.max_completion_tokens` bounds the *sum over all samples*.
+
+`reasoning_effort` (OpenAI's field: none, minimal, low, medium, high, xhigh, max) picks the
+operator's compute-budget preset for that level (frugalray.serve.effort; e.g. low = greedy,
+medium = adaptive_consistency at 0.8 with 8 samples, high = 16 samples at 0.95); fields the
+request's own `compute_budget` sets win over the preset's. Chat requests also pass it on to vLLM,
+which switches a thinking model's mode with it. `thinking_token_budget` (vLLM's) goes to the
+engine when the served model has a reasoning parser, and is a 400 naming it otherwise.
+
 Also outside OpenAI's spec, at the top level: `timeout_s`, a deadline shorter than the
 server's `request_timeout_s` (past it: HTTP 504).
+
+Temperature (frugalray.serve.sampling): `greedy` decodes at 0. Every other strategy samples at
+the request's `temperature` when it is above 0, at the operator's `sample_temperature` when the
+request sets none, and refuses `temperature: 0` with a 400 naming `temperature` (omit it, set it
+above 0, or use strategy `greedy`). The temperature used is `usage.frugalray.temperature`.
+
+The response's `usage` keeps OpenAI's fields exact; frugalray's figures (samples, FLOPs,
+strategy, confidence, answer counts, ...) are the one extension object `usage.frugalray`
+(frugalray.serve.usage).
 
 greedy and self_consistency keep `max_completion_tokens` and `max_flops` too: their single
 round is sized for its worst case (fewer samples, or one shorter sample).
@@ -130,6 +149,10 @@ def request_model(max_samples_ceiling: int, max_tokens_ceiling: int,
         seed: int | None = None
         stream: bool = False
         temperature: float | None = Field(None, ge=0.0, le=2.0)
+        # OpenAI's effort knob (frugalray.serve.effort maps it onto a compute-budget preset) and vLLM's
+        # per-request thinking budget (models served with a reasoning parser only).
+        reasoning_effort: str | None = Field(None, strict=True)
+        thinking_token_budget: int | None = Field(None, ge=0, strict=True)
         # frugalray extensions (outside OpenAI's spec): see the module docstring.
         compute_budget: BoundedComputeBudget | None = None
         timeout_s: float | None = Field(None, gt=0.0, le=request_timeout_s, allow_inf_nan=False,
@@ -142,4 +165,5 @@ def request_model(max_samples_ceiling: int, max_tokens_ceiling: int,
                 raise ValueError("must be a number")
             return value
 
+    BudgetedRequest.budget_model = BoundedComputeBudget  # what reasoning_effort presets are validated into
     return BudgetedRequest

@@ -1,14 +1,75 @@
-"""What a served request cost: forward FLOPs and the OpenAI `usage` extended with the budget (pure Python).
+"""What a served request cost: forward FLOPs and the OpenAI `usage` with frugalray's figures (pure Python).
 
-FLOPs follow frugalray.budget.flops (prompt prefill counted per round, every generated token one
-forward pass at the longest context); `usage` adds samples, strategy, confidence and FLOPs.
+The `usage` of every non-streamed response keeps OpenAI's fields exact, so strict clients and
+typed SDKs (`openai.types.CompletionUsage`) read it unchanged, and puts frugalray's own figures in
+one extension object under `usage[USAGE_EXTENSION]` (`"frugalray"`):
+
+    {"prompt_tokens": 45, "completion_tokens": 36, "total_tokens": 81,
+     "completion_tokens_details": {"reasoning_tokens": 0},
+     "prompt_tokens_details": {"cached_tokens": 32},
+     "frugalray": {"samples": 4, "strategy": "adaptive_consistency", "confidence": 0.97,
+                   "stopped_early": true, "flops": 3.1e10, "temperature": 0.7, "answer": "11", ...}}
+
+- `prompt_tokens`: the prompt, counted once; `completion_tokens`: summed over every sample the
+  request drew (not only the returned choice); `total_tokens`: their sum.
+- `completion_tokens_details`: what vLLM reported, summed over the request's engine requests
+  (`{"reasoning_tokens": 0}` when it reported none).
+- `prompt_tokens_details.cached_tokens`: prompt tokens vLLM served from its prefix cache, summed
+  over the engine requests and capped at `prompt_tokens` (OpenAI's meaning: a part of the prompt);
+  0 unless the engine reports it. The uncapped sum over rounds is `frugalray.cached_prompt_tokens`.
+- `frugalray`: samples, strategy, confidence, stopped_early, flops (frugalray.budget.flops: prompt
+  prefill counted per round, every generated token one forward pass at the longest context),
+  temperature (the one the samples were drawn at; 0.0 when all were greedy), and per strategy
+  answer, answer_counts, rounds, prompt_passes, stop_reason, answered_by, attempts, budget,
+  scoring_flops, scored_by, sample_scores. Read it with `usage_extension(usage)`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from frugalray.budget.flops import ModelShape, forward_flops_per_token
+
+# The one key under which frugalray's figures sit in a response's `usage`.
+USAGE_EXTENSION = "frugalray"
+
+
+def usage_extension(usage: Any) -> dict[str, Any]:
+    """frugalray's figures in a served `usage`: a JSON dict, or the openai SDK's `CompletionUsage`
+    (its extra fields). `{}` when there are none (a streamed chunk, another server)."""
+    if usage is None:
+        return {}
+    if not isinstance(usage, Mapping):
+        usage = getattr(usage, "model_extra", None) or {}
+    figures = usage.get(USAGE_EXTENSION)
+    return figures if isinstance(figures, dict) else {}
+
+
+def served_usage(prompt_tokens: int, completion_tokens: int, figures: dict[str, Any],
+                 engine_usages: Iterable[Mapping[str, Any] | None] = ()) -> dict[str, Any]:
+    """OpenAI's `usage` for a request the ingress answered from `engine_usages` (the `usage` of each
+    engine response it made), with `figures` as the frugalray extension."""
+    details: dict[str, Any] = {}
+    cached = 0
+    for engine in engine_usages:
+        engine = engine or {}
+        for key, value in (engine.get("completion_tokens_details") or {}).items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                details[key] = details.get(key, 0) + value
+            else:
+                details.setdefault(key, value)
+        cached += int((engine.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    details.setdefault("reasoning_tokens", 0)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens_details": details,
+        # Several rounds each read the prompt from the cache: the OpenAI field stays a part of the prompt.
+        "prompt_tokens_details": {"cached_tokens": min(cached, prompt_tokens)},
+        USAGE_EXTENSION: {**figures, "cached_prompt_tokens": cached},
+    }
 
 
 def request_flops(shape: ModelShape, prompt_tokens: int, completion_tokens: list[int],
@@ -57,18 +118,18 @@ def scoring_flops(shape: ModelShape, prompt_tokens: int, completion_tokens: list
 
 def budget_usage(shape: ModelShape | None, prompt_tokens: int, completion_tokens: list[int],
                  strategy: str, confidence: float | None, lora_params: int = 0,
-                 prompt_passes: int = 1, stopped_early: bool = False) -> dict[str, Any]:
-    """OpenAI `usage`, extended with what the compute budget bought."""
-    total_completion = sum(completion_tokens)
-    usage: dict[str, Any] = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": total_completion,
-        "total_tokens": prompt_tokens + total_completion,
+                 prompt_passes: int = 1, stopped_early: bool = False, temperature: float | None = None,
+                 engine_usages: Iterable[Mapping[str, Any] | None] = ()) -> dict[str, Any]:
+    """OpenAI `usage` of a request that drew `completion_tokens` (one entry per sample), with what
+    the compute budget bought in the extension (see the module docstring)."""
+    figures: dict[str, Any] = {
         "samples": len(completion_tokens),
         "strategy": strategy,
         "confidence": confidence,
         "stopped_early": stopped_early,
     }
     if shape is not None:
-        usage["flops"] = request_flops(shape, prompt_tokens, completion_tokens, lora_params, prompt_passes)
-    return usage
+        figures["flops"] = request_flops(shape, prompt_tokens, completion_tokens, lora_params, prompt_passes)
+    if temperature is not None:
+        figures["temperature"] = temperature
+    return served_usage(prompt_tokens, sum(completion_tokens), figures, engine_usages)

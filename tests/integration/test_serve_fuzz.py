@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from frugalray.serve.effort import EFFORT_LEVELS
 from frugalray.serve.usage import USAGE_EXTENSION, usage_extension
 
 pytestmark = pytest.mark.slow
@@ -95,10 +96,16 @@ messages = st.one_of(
 
 # Weighted towards the hostile mutations: the benign ones (unknown field, a deleted optional
 # field, stream, another served model, seeded n>1) mostly make valid requests that generate.
-MUTATIONS = ["field_junk"] * 4 + ["budget"] * 4 + ["huge"] * 2 + ["messages"] * 2 + ["vllm"] * 2 + [
+MUTATIONS = ["field_junk"] * 4 + ["budget"] * 4 + ["huge"] * 2 + ["messages"] * 2 + ["vllm"] * 2 + ["effort"] * 2 + [
     "unknown", "delete", "seeded_fanout", "stream", "model"]
+# The effort knobs clients send (frugalray.serve.effort; vLLM's thinking budget), with hostile values too.
+efforts = st.fixed_dictionaries({}, optional={
+    "reasoning_effort": st.one_of(st.sampled_from(["none", "minimal", "low", "medium", "high", "xhigh", "max",
+                                                   "ultra", "", "HIGH"]), junk),
+    "thinking_token_budget": st.one_of(st.sampled_from([0, 1, 16, -1, 2**40]), junk),
+})
 FIELDS = ["model", "max_tokens", "max_completion_tokens", "n", "seed", "temperature", "stream", "timeout_s",
-          "compute_budget", "messages", "prompt"]
+          "compute_budget", "messages", "prompt", "reasoning_effort", "thinking_token_budget"]
 
 
 @st.composite
@@ -125,6 +132,8 @@ def hostile_requests(draw):
             body["compute_budget"] = draw(st.one_of(compute_budgets, junk))
         elif mutation == "vllm":
             body.update(draw(vllm_extras()))
+        elif mutation == "effort":
+            body.update(draw(efforts))
         elif mutation == "unknown":
             body[draw(st.text(min_size=1, max_size=10))] = draw(junk)
         elif mutation == "delete":
@@ -158,6 +167,8 @@ def _check_budget(body: dict, data: dict) -> None:
     assert set(usage) <= OPENAI_USAGE_FIELDS | {USAGE_EXTENSION}, (body, usage)
     per_sample = _per_sample_cap(body)
     budget = body.get("compute_budget")
+    if not isinstance(budget, dict) and body.get("reasoning_effort") in EFFORT_LEVELS:
+        budget = {}  # the level's preset: within the server's ceilings like any budget
     if isinstance(budget, dict):
         max_samples = budget.get("max_samples") or SAMPLES_CEILING
         assert spent["samples"] <= max_samples, (body, usage)

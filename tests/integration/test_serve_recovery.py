@@ -53,13 +53,15 @@ def _kill_and_wait(served_model, pick, deadline_s: float) -> tuple[str, str, flo
 
     before = _replica_actors(served_model["app_name"])
     deployment = pick(before)
-    (victim,) = before[deployment]
+    victim = before[deployment][0]  # one of them (the ingress may run several replicas)
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     start = time.time()
     while time.time() - start < deadline_s:
         replicas = _replica_actors(served_model["app_name"]).get(deployment, [])
-        if replicas and victim not in replicas and _healthy(served_model) and _answers(served_model):
-            return victim, replicas[0], time.time() - start
+        new = [r for r in replicas if r not in before[deployment]]
+        if (len(replicas) == len(before[deployment]) and new and victim not in replicas
+                and _healthy(served_model) and _answers(served_model)):
+            return victim, new[0], time.time() - start
         time.sleep(2)
     pytest.fail(f"{deployment}: no healthy replacement for {victim} within {deadline_s:.0f}s")
 

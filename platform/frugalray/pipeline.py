@@ -478,7 +478,9 @@ def build_summary(results: dict[str, Any], ledger, wall_s: float, min_gain_point
     verdict = finetune_verdict(paired, min_gain_points, ft)
     per_stage = ledger.totals_by_stage()
     stage_flops = {
-        "score": score.flops,
+        # What this run computed: a rerun resumes scored shards from the run dir and charges only new work
+        # (`flops` is the whole output's cost; comparing it made every second `make demo` a MISMATCH).
+        "score": score.flops_now,
         "select": 0.0,
         "finetune": ft.flops,
         "sweep": sw.flops_spent,

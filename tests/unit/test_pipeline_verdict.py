@@ -166,3 +166,18 @@ def test_a_sweep_of_another_method_than_the_served_one_is_refused(tmp_path):
     text = str(err.value)
     assert "sweep.finetune.method: 'lora' but finetune.method is 'qlora'" in text
     assert "drop sweep.finetune.method" in text
+
+
+def test_a_rerun_that_resumes_scoring_still_adds_up(tmp_path):
+    from frugalray.budget.ledger import ComputeLedger
+    from frugalray.pipeline import build_summary
+
+    results = _results(after_right=10, told_right=None)
+    # Every shard resumed from an earlier run: the output cost 3e12 FLOPs, this run computed none of it.
+    results["score"] = results["score"].model_copy(update={"flops": 3e12, "flops_now": 0.0})
+    ledger = ComputeLedger(tmp_path)
+    ledger.record("score", flops=0.0, wall_s=1.0)
+    summary = build_summary(results, ledger, wall_s=1.0, min_gain_points=10)
+    assert summary["ledger_matches_stages"], summary["ledger_mismatches"]
+    ledger.record("score", flops=1.0, wall_s=1.0)  # a ledger that does not match this run is still caught
+    assert not build_summary(results, ledger, wall_s=1.0, min_gain_points=10)["ledger_matches_stages"]

@@ -40,7 +40,6 @@ from frugalray.serve.config import (
     api_key_digest,
     budgeted_tenants,
     default_ledger_path,
-    open_ledger,
     preflight,
     resolve_api_key,
 )
@@ -199,8 +198,7 @@ def start_tenant_ledger(cfg: ServeConfig) -> str | None:
         return None
     from frugalray.serve.ledger_service import ledger_actor_name, start_ledger
 
-    path = default_ledger_path(cfg)
-    open_ledger(cfg).close()  # a missing or unwritable path is refused here, naming it
+    path = default_ledger_path(cfg)  # preflight (which build_app always runs) has opened it, naming a bad path
     # A live request ends by request_timeout_s; a reservation older than that lost its request.
     start_ledger(cfg.app_name, path, expiry_s=cfg.request_timeout_s + 60.0)
     log.info("tenant budgets %s held in %s", sorted(budgeted_tenants(cfg)), path)

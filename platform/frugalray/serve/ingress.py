@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import json
 import logging
@@ -69,6 +68,7 @@ from frugalray.serve.sampling import sampling_temperature
 from frugalray.serve.spend import SpendMeter, WorstCase, current_meter, metering, tenant_refusal, worst_case
 from frugalray.serve.stopping import Limits, majority_vote, make_policy, plan_round
 from frugalray.serve.tenant_ledger import Refusal
+from frugalray.serve.tenants import key_digest
 from frugalray.serve.usage import (
     attempts_usage,
     budget_usage,
@@ -156,7 +156,7 @@ class FrugalIngress:
             return DEFAULT_TENANT
         header = request.headers.get("authorization", "")
         scheme, _, presented = header.partition(" ")
-        given = hashlib.sha256(presented.strip().encode()).hexdigest()
+        given = key_digest(presented.strip())
         tenant = None
         for digest, name in digests.items():  # compare with every digest: no early exit to time
             if hmac.compare_digest(given, digest):

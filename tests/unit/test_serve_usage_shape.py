@@ -10,12 +10,14 @@ import pytest
 from fake_engine import FakeStream
 from openai.types import CompletionUsage
 
-from frugalray.budget.flops import ModelShape
+from frugalray.budget.flops import ModelShape, forward_flops_per_token
 from frugalray.serve.client import sent_temperature
 from frugalray.serve.sampling import sampling_temperature
 from frugalray.serve.usage import (
     USAGE_EXTENSION,
+    attempts_usage,
     budget_usage,
+    later_rounds_cached_tokens,
     request_flops,
     served_usage,
     usage_extension,
@@ -247,3 +249,29 @@ def test_greedy_reports_temperature_zero_and_a_cascade_the_temperature_it_used()
                                                               "round_size": 2, "confidence": 1.0}})
     assert [r["temperature"] for r in requests][:2] == [0.0, 0.7]
     assert usage_extension(escalated["usage"])["temperature"] == 0.7
+
+
+def test_flops_rule_later_rounds_cache_hits_cost_no_prefill_the_first_round_pays_in_full():
+    per_token = forward_flops_per_token(SHAPE, 45 + 9)
+    cached = lambda n: {"prompt_tokens": 45, "prompt_tokens_details": {"cached_tokens": n}}
+    # round 1 found 16 tokens cached (another request's system prompt): it still pays all 45
+    rounds = [cached(16), cached(32), cached(44)]
+    assert later_rounds_cached_tokens(rounds) == 76
+    usage = budget_usage(SHAPE, 45, [9, 9, 9], "adaptive_consistency", 0.9, prompt_passes=3, engine_usages=rounds)
+    assert usage_extension(usage)["flops"] == pytest.approx(per_token * (45 + 13 + 1 + 27))
+    assert usage_extension(usage)["flops"] == pytest.approx(request_flops(SHAPE, 45, [9, 9, 9], 0, 3, 76))
+    # no cache reported: every round pays its prefill (the planning upper bound)
+    plain = budget_usage(SHAPE, 45, [9, 9, 9], "adaptive_consistency", 0.9, prompt_passes=3,
+                         engine_usages=[cached(0)] * 3)
+    assert usage_extension(plain)["flops"] == pytest.approx(per_token * (3 * 45 + 27))
+    # a hit can never make a round cheaper than free, nor the first pass free
+    assert request_flops(SHAPE, 45, [9], 0, 1, 45) == pytest.approx(per_token * (45 + 9))
+    assert request_flops(SHAPE, 45, [9, 9], 0, 2, 500) == pytest.approx(per_token * (45 + 18))
+
+
+def test_attempts_count_each_models_own_later_cache_hits():
+    attempts = attempts_usage(SHAPE, 45, [9, 9, 9, 9], ["base", "base", "tuned", "tuned"],
+                              {"base": 1, "tuned": 2}, {"base": 0, "tuned": 0}, cached_of={"tuned": 40})
+    by_model = {a["model"]: a["flops"] for a in attempts}
+    assert by_model["base"] == pytest.approx(request_flops(SHAPE, 45, [9, 9], 0, 1))
+    assert by_model["tuned"] == pytest.approx(forward_flops_per_token(SHAPE, 54) * (90 - 40 + 18))

@@ -72,6 +72,7 @@ from frugalray.serve.tenants import key_digest
 from frugalray.serve.usage import (
     attempts_usage,
     budget_usage,
+    later_rounds_cached_tokens,
     request_flops,
     scoring_flops,
     served_usage,
@@ -685,6 +686,7 @@ class FrugalIngress:
         wants_logprobs = asked is not None and asked is not False  # completions' logprobs=0 is a request
         choices: list[dict[str, Any]] = []
         engine_usages: list[dict[str, Any]] = []  # every engine response's usage (tokens details, cache)
+        usages_by_model: dict[str, list[dict[str, Any]]] = {}  # the same, per served model (cache hits)
         sample_models: list[str] = []
         rounds_by_model: dict[str, int] = {}
         scored_tokens: list[int] = []
@@ -705,6 +707,7 @@ class FrugalIngress:
                 got = [r["choices"][0] for r in responses]
                 totals = [r["usage"]["completion_tokens"] for r in responses]
                 engine_usages.extend(r["usage"] for r in responses)
+                usages_by_model.setdefault(round_model, []).extend(r["usage"] for r in responses)
                 last = responses[-1]
             else:
                 if seed is not None and not plan.greedy:
@@ -714,6 +717,7 @@ class FrugalIngress:
                 got = sorted(last["choices"], key=lambda c: c.get("index", 0))
                 totals = [last["usage"]["completion_tokens"]]
                 engine_usages.append(last["usage"])
+                usages_by_model.setdefault(round_model, []).append(last["usage"])
             prompt["tokens"] = max(prompt["tokens"], int(last["usage"]["prompt_tokens"]))
             samples = samples_from_choices(got, totals, budget.answer_extractor, budget.answer_regex)
             if reward_model:
@@ -743,7 +747,8 @@ class FrugalIngress:
                                        temperature=temperature if sampled_hot else 0.0, engine_usages=engine_usages)
         figures = usage_extension(result["usage"])
         attempts = attempts_usage(shape, prompt["tokens"], completions, sample_models, rounds_by_model,
-                                  {name: self._lora_params(name) for name in set(sample_models)}, seeded)
+                                  {name: self._lora_params(name) for name in set(sample_models)}, seeded,
+                                  {name: later_rounds_cached_tokens(us) for name, us in usages_by_model.items()})
         if shape is not None:
             figures["flops"] = sum(a["flops"] for a in attempts)
             if reward_model:

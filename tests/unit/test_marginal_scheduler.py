@@ -116,18 +116,28 @@ def pause_scenario(pausable: bool):
     return sched, trials, ctl
 
 
+def lockstep_until_pause(index, curve):
+    """The same reports to a pausable and a non-pausable scheduler, up to the pausable one's PAUSE."""
+    (paus, trials_p, ctl_p), (stop, trials_s, ctl_s) = pause_scenario(True), pause_scenario(False)
+    for k in range(3, 60):
+        result = {"flops": k * G, "eval_loss": curve(k * G)}
+        p = paus.on_trial_result(ctl_p, trials_p[index], dict(result))
+        s = stop.on_trial_result(ctl_s, trials_s[index], dict(result))
+        if p == TrialScheduler.PAUSE:
+            return s, stop.policy.trials[trials_s[index].trial_id]
+        assert p == s == TrialScheduler.CONTINUE, k  # identical until the pause
+    raise AssertionError("the setup never reaches a pause")
+
+
 def test_pause_becomes_stop_unless_the_trainable_can_resume():
-    for pausable, expected in ((False, TrialScheduler.STOP), (True, TrialScheduler.PAUSE)):
-        sched, trials, ctl = pause_scenario(pausable)
-        seen = []
-        for k in range(3, 60):
-            seen.append(sched.on_trial_result(ctl, trials[0], {"flops": k * G, "eval_loss": slow_curve(k * G)}))
-            if seen[-1] != TrialScheduler.CONTINUE:
-                break
-        if pausable:
-            assert seen[-1] == expected
-        else:  # the best trial is protected while it improves: it is never paused or stopped here
-            assert set(seen) == {TrialScheduler.CONTINUE}
+    # A challenger ("worse") at the report where a pausable scheduler pauses it: without resumable
+    # trials the same decision is a STOP, and the trial is over.
+    decision, state = lockstep_until_pause(1, worse_curve)
+    assert decision == TrialScheduler.STOP and state.status == "stopped"
+    # The best trial ("slow") at the report where a pausable scheduler pauses it: protected while it
+    # still improves, so without pausing it keeps running rather than being stopped.
+    decision, state = lockstep_until_pause(0, slow_curve)
+    assert decision == TrialScheduler.CONTINUE and state.status == "running"
 
 
 def test_a_trials_final_report_is_never_paused_and_ends_it():

@@ -102,11 +102,12 @@ def test_activations_and_logits_by_hand():
     assert est.activations == int(raw * CPU.activation_overhead)
     # logits fp32 + log-softmax output + its gradient + the logits' gradient
     assert est.logits == int(tokens * 1000 * 16 * CPU.activation_overhead)
-    assert est.peak_bytes == int(
-        est.weights + est.lora + est.optimizer + (raw + tokens * 1000 * 16) * CPU.activation_overhead
-        + est.gradients + CPU.runtime_bytes
-    ) or abs(est.peak_bytes - (est.weights + est.lora + est.optimizer + est.activations + est.logits
-                               + est.gradients + est.runtime)) <= 2
+    # The peak is during forward/backward (CPU's non-foreach AdamW step needs far less scratch):
+    # fp32 weights, the 8192 LoRA weights in fp32, their fp32 gradients and two fp32 AdamW moments,
+    # the activations and logits above, and the device's fixed runtime.
+    persistent = ALL_PARAMS * 4 + 8192 * 4 + 8192 * 4 + 8192 * 8
+    assert est.peak_bytes == int(persistent + (raw + tokens * 1000 * 16) * CPU.activation_overhead
+                                 + CPU.runtime_bytes)
 
 
 def test_gradient_checkpointing_keeps_layer_inputs_plus_one_layer():

@@ -24,6 +24,7 @@ def test_write_result_computes_met_from_metrics(tmp_path):
     on_disk = json.loads((tmp_path / "demo.json").read_text())
     assert on_disk == record
     assert on_disk["met"] == {"speedup": True, "error": False}
-    assert set(on_disk) == {"bench", "date", "machine", "config", "metrics", "targets", "met"}
+    assert set(on_disk) == {"bench", "date", "commit", "machine", "config", "metrics", "targets", "met",
+                            "targets_history"}
     # every result says how busy the shared machine was: ratios from a loaded box read differently
     assert len(on_disk["machine"]["load_average"]) == 3 and all(x >= 0 for x in on_disk["machine"]["load_average"])

@@ -122,7 +122,8 @@ def test_tune_compare_quick_mode_writes_the_design_json(tmp_path, capsys):
     result = bench.run(quick=True, out=tmp_path, plot=True, methods=["fifo", "plateau", "asha", "marginal"],
                        recorded=rec)
     data = json.loads((tmp_path / "tune_compare.json").read_text())
-    assert set(data) == {"bench", "date", "machine", "config", "metrics", "targets", "met"}
+    assert set(data) == {"bench", "date", "commit", "machine", "config", "metrics", "targets", "met",
+                         "targets_history"}
     assert data["bench"] == "tune_compare" and data["config"]["recorded_real_curves"] is True
     assert data["config"]["real_sweep_on_default_model"] is False
     assert set(data["targets"]) == set(data["met"]) and data["targets"]

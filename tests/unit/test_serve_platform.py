@@ -410,3 +410,18 @@ def test_seeded_requests_are_serialised_only_on_cpu():
     asyncio.run(seeded_call_while_locked(_ingress("cuda")))
     with pytest.raises(TimeoutError):
         asyncio.run(seeded_call_while_locked(_ingress("cpu")))
+
+
+def test_vllm_cpu_keeps_a_spare_lora_slot_so_base_tokens_never_read_an_adapter():
+    # vLLM-CPU's LoRA ops index the stacked adapters with -1 for a base-model token: the last slot.
+    from frugalray.serve.app import engine_plan
+    from frugalray.serve.config import AdapterInfo
+
+    adapters = {n: AdapterInfo(n, f"/adapters/{n}", 8, "all-linear") for n in ("arith", "chat")}
+    resolved = ResolvedServe(model_path="/models/m", shape=SHAPE, adapters=adapters)
+    cfg = ServeConfig(model="/models/m", adapters={n: a.path for n, a in adapters.items()})
+    cpu = engine_plan(cfg, resolved, CPU).engine_kwargs
+    assert cpu["enable_lora"] is True and cpu["max_loras"] == 3  # two adapters and one slot left empty
+    assert [m["name"] for m in cpu["lora_modules"]] == ["arith", "chat"]
+    assert engine_plan(cfg, resolved, CUDA).engine_kwargs["max_loras"] == 2  # CUDA kernels skip -1
+    assert "max_loras" not in engine_plan(cfg, RESOLVED, CPU).engine_kwargs

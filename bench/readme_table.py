@@ -41,10 +41,13 @@ REGISTRY: dict[str, Bench] = {
         "Training FLOPs of each arm (`budget.flops`); the auto arm's selection FLOPs are reported apart.",
         ("frugalray_minus_all", "flops_ratio_frugalray_vs_all")),
     "data_noise_recall": Bench(
-        "Share of injected noise (5 kinds, 20% of 1000 generated rows) each scorer, and the best "
-        "combination, removes when keeping 70% of the rows.",
-        "None targeted (a quality benchmark); the one scoring run's wall time is in `config.score_wall_s`.",
-        ("recall_combination",)),
+        "Share of injected noise (5 kinds, 20% of 1000 generated rows) each selection method removes when "
+        "keeping 70% of all rows; the label-free combination is primary, methods that read the reference "
+        "answers are reported beside it, random over the rows it could choose from.",
+        "Kept rows over all input rows, beside the kept rows' training FLOPs over those of every row the loader "
+        "accepted (QLoRA, one epoch) and the method's selection FLOPs over that training.",
+        ("recall_combination_label_free", "kept_rows_fraction_combination_label_free",
+         "kept_train_flops_fraction_combination_label_free", "selection_over_train_flops_combination_label_free")),
     "data_real": Bench(
         "Every scorer over real Alpaca rows: cost per 1k rows, Spearman agreement between the scores, "
         "the rows each would remove first.",
@@ -61,15 +64,21 @@ REGISTRY: dict[str, Bench] = {
         "Cluster start and wall seconds per stage (reported, no target).",
         ("score_nodes_used", "finetune_nodes_used"), only_mode="full"),
     "serve_adaptive": Bench(
-        "Adaptive self-consistency through the served endpoint vs fixed SC@16 on held-out arithmetic "
-        "prompts: samples saved at equal accuracy.",
-        "Samples per prompt and request FLOPs, from each response's `usage.frugalray`.",
-        ("sample_ratio_sc16_over_adaptive_T0.7", "accuracy_gap_points_T0.7")),
+        "Adaptive self-consistency through the served endpoint vs fixed SC@16, on the QLoRA arithmetic adapter "
+        "`make demo` trains (base model beside), over 60 fresh questions of its task family it never saw: "
+        "samples and FLOPs saved at equal accuracy.",
+        "Samples per prompt and request FLOPs from each response's `usage.frugalray` (a later round's prefix-cache "
+        "hits cost no prefill); SC@k as one n=16 request.",
+        ("adapter_sample_ratio_sc16_over_adaptive", "adapter_flops_ratio_sc16_over_adaptive",
+         "adapter_accuracy_gap_points")),
     "serve_overhead": Bench(
-        "What the frugalray ingress adds over Ray Serve LLM's own OpenAI app on identical vLLM-CPU "
-        "engines: throughput and p50 latency, alternating blocks.",
-        "Requests/s and added latency (ms) at the highest concurrency run.",
-        ("throughput_ratio", "added_p50_ms")),
+        "What the frugalray ingress adds per request on identical vLLM-CPU engines: its own time (handler wall "
+        "time minus engine awaits, from response headers) and the extra Serve hop (proxy -> ingress -> engine "
+        "vs proxy -> engine) over >= 200 paired, interleaved short requests with a 95% interval; end-to-end "
+        "throughput vs Ray Serve LLM's OpenAI app beside.",
+        "Added latency (ms): the median paired difference frugal - direct and the upper end of its 95% "
+        "interval; the ingress's own ms (p50/p99); requests/s ratio at concurrency 4.",
+        ("added_p50_ms_upper95", "ingress_own_p50_ms")),
     "train_memory": Bench(
         "The memory planner's predicted peak vs the measured peak of real training steps, over 11 "
         "configurations (full, LoRA, QLoRA, checkpointing, 8-bit optimizers).",

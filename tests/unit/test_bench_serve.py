@@ -188,3 +188,188 @@ def test_sc_flops_carry_the_adapters_lora_term():
     tuned = sa.pooled_outcomes(record, SHAPE, [], max_tokens=4, lora_params=1000)
     assert tuned["SC@16"]["flops"] == pytest.approx(request_flops(SHAPE, 20, [3] * 16, 1000, 1))
     assert tuned["SC@16"]["flops"] > plain["SC@16"]["flops"]
+
+
+# -- serve_overhead: the ingress's own time and the paired hop (issue 20, point 4) -------------------------
+
+
+@pytest.mark.parametrize("arms", [so.ARMS, ("frugal", "direct")])
+def test_round_order_puts_every_arm_first_and_before_every_other_equally_often(arms):
+    from collections import Counter
+    from itertools import permutations
+
+    orders = [so.round_order(r, arms) for r in range(2 * len(arms))]
+    assert all(sorted(order) == sorted(arms) for order in orders)
+    assert set(Counter(order[0] for order in orders).values()) == {2}
+    before = Counter((a, b) for order in orders for i, a in enumerate(order) for b in order[i + 1:])
+    assert {before[pair] for pair in permutations(arms, 2)} == {len(arms)}
+    if len(arms) == 2:
+        assert [o[0] for o in orders] == ["frugal", "direct", "direct", "frugal"]  # AB, BA, BA, AB
+
+
+def _answer(latency_s, tokens=2, own_ms=None, engine_ms=None):
+    out = {"ok": True, "latency_s": latency_s, "completion_tokens": tokens}
+    if own_ms is not None:
+        out.update(own_ms=own_ms, engine_ms=engine_ms)
+    return out
+
+
+def _failure(reason="HTTP 500", error="boom"):
+    return {"ok": False, "latency_s": 0.01, "reason": reason, "error": error}
+
+
+def test_paired_differences_use_only_rounds_where_both_arms_answered():
+    rounds = [{"frugal": _answer(0.205), "direct": _answer(0.2)},
+              {"frugal": _failure(), "direct": _answer(0.2)},
+              {"frugal": _answer(0.3)},  # direct not deployed
+              {"direct": _answer(0.25), "frugal": _answer(0.24)}]
+    assert so.paired_differences(rounds, "frugal", "direct") == pytest.approx([5.0, -10.0])
+    assert so.paired_differences(rounds, "direct", "frugal") == pytest.approx([-5.0, 10.0])
+
+
+def test_bootstrap_interval_is_seeded_and_covers_the_mean_at_the_expected_width():
+    import random
+    import statistics
+
+    rng = random.Random(1)
+    values = [rng.gauss(5.0, 1.0) for _ in range(400)]
+    lo, hi = so.bootstrap_interval(values, statistics.fmean)
+    assert lo < 5.0 < hi
+    # the normal interval's width, 2 x 1.96 sd / sqrt(n) (a 90% interval would be 16% narrower)
+    assert hi - lo == pytest.approx(2 * 1.96 * statistics.stdev(values) / 20, rel=0.06)
+    assert so.bootstrap_interval(values, statistics.fmean) == (lo, hi)  # same data, same interval
+    assert so.bootstrap_interval([3.0] * 50, statistics.median) == (3.0, 3.0)
+    assert so.bootstrap_interval([3.0], statistics.median) is None
+
+
+@pytest.mark.parametrize(("interval", "verdict"), [
+    ((2.0, 8.0), "met"), ((8.0, 12.0), "unresolved"), ((10.5, 15.0), "not met"), ((-3.0, 10.0), "met"),
+    (None, "not measured")])
+def test_an_interval_resolves_the_target_only_when_it_lies_on_one_side(interval, verdict):
+    assert so.resolve(interval, "<= 10") == verdict
+
+
+@pytest.mark.parametrize(("shift_ms", "verdict"), [(3.0, "met"), (25.0, "not met")])
+def test_two_hundred_noisy_pairs_resolve_a_10_ms_target(shift_ms, verdict):
+    import random
+
+    rng = random.Random(2)
+    # the hop on top of engine noise much larger than it (sd 20 ms): the old p50-of-32 could not tell these apart
+    diffs = [shift_ms + rng.gauss(0.0, 20.0) for _ in range(200)]
+    out = so.summarize_differences(diffs)
+    assert out["n"] == 200 and out["median_ci95"][0] <= out["median_ms"] <= out["median_ci95"][1]
+    assert so.resolve(out["median_ci95"], so.TARGET_MS) == verdict
+    assert so.summarize_differences([])["median_ci95"] is None
+
+
+def test_ingress_timing_headers_are_read_and_named_as_the_ingress_writes_them():
+    from frugalray.serve import ingress
+
+    assert (so.INGRESS_MS_HEADER, so.ENGINE_MS_HEADER) == (ingress.INGRESS_MS_HEADER, ingress.ENGINE_MS_HEADER)
+    headers = ingress.RequestClock(started=1.0, engine_s=0.2).headers(1.25)
+    assert so.ingress_timing(headers) == pytest.approx((50.0, 200.0))
+    assert so.ingress_timing({}) is None
+    assert so.ingress_timing({so.INGRESS_MS_HEADER: "x", so.ENGINE_MS_HEADER: "1"}) is None
+
+
+def test_own_time_counts_answers_with_headers_and_says_how_many_lacked_them():
+    rounds = [{"frugal": _answer(0.2, own_ms=float(i), engine_ms=100.0 + i)} for i in range(1, 101)]
+    rounds += [{"frugal": _answer(0.2)}, {"frugal": _failure()}, {"direct": _answer(0.2)}]
+    out = so.own_time_stats(rounds, "frugal")
+    assert out["n"] == 100 and out["answers_without_timing_headers"] == 1
+    assert out["own_p50_ms"] == pytest.approx(50.5) and out["own_p99_ms"] == pytest.approx(99.01)
+    assert out["engine_p50_ms"] == pytest.approx(150.5)
+    assert so.own_time_stats([], "frugal")["own_p50_ms"] is None
+
+
+def test_token_mismatches_count_answers_that_differ_from_the_rounds_first():
+    rounds = [{"a": _answer(0.1, 2), "b": _answer(0.1, 2), "c": _answer(0.1, 3)},
+              {"a": _answer(0.1, 2), "b": _answer(0.1, 3), "c": _answer(0.1, 3)},
+              {"a": _failure(), "b": _answer(0.1, 4)}, {"a": _failure()}]
+    assert so.token_mismatches(rounds) == 3
+
+
+def test_tally_reports_planned_run_and_failures_with_reasons():
+    outcomes = {"frugal": [_answer(0.1), _failure("HTTP 500", "first"), _failure("HTTP 500", "second"),
+                           _failure("ReadTimeout", "slow")],
+                "direct": []}
+    out = so.tally({"frugal": 4, "direct": 4, "ray_openai": 2}, outcomes, {"direct": "did not deploy: X"})
+    assert out["frugal"] == {"planned": 4, "run": 4, "answered": 1, "failed": 3, "failures": {
+        "HTTP 500": {"count": 2, "first": "first"}, "ReadTimeout": {"count": 1, "first": "slow"}}}
+    assert out["direct"]["not_run"] == 4 and out["direct"]["not_run_reason"] == "did not deploy: X"
+    assert out["ray_openai"]["not_run"] == 2 and "stopped early" in out["ray_openai"]["not_run_reason"]
+
+
+def test_the_new_targets_are_accepted_against_the_committed_record_after_the_plan(tmp_path):
+    import json
+
+    from frugalray.benchmarking import write_result
+
+    # the record as it was before the target's metric moved (bench/results has the moved one now)
+    (tmp_path / "serve_overhead.json").write_text(json.dumps(
+        {"bench": "serve_overhead", "targets": {"added_p50_ms": "<= 10", "throughput_ratio": ">= 0.9"}}))
+    so.plan_record(tmp_path, "serve_overhead", {"primary": {}})  # as run() does before the first request
+    metrics = {"added_p50_ms_upper95": 6.0, "added_p50_ms": 4.0, "throughput_ratio": 1.0}
+    with pytest.raises(ValueError, match="added_p50_ms"):
+        write_result("serve_overhead", {}, metrics, so.TARGETS, out_dir=tmp_path)
+    out = write_result("serve_overhead", {}, metrics, so.TARGETS, out_dir=tmp_path,
+                       targets_history=so.TARGETS_HISTORY)
+    assert out["met"] == {"added_p50_ms_upper95": True, "throughput_ratio": True}
+    assert [(e["metric"], e["old"], e["new"]) for e in out["targets_history"]] == [
+        ("added_p50_ms", "<= 10", None), ("added_p50_ms_upper95", None, "<= 10")]
+
+
+def _fake_run(arms, n_rounds=200, hop_ms=3.0):
+    import random
+
+    rng = random.Random(3)
+    rounds = []
+    for _ in range(n_rounds):
+        engine = 0.2 + rng.uniform(0.0, 0.05)  # shared by the round, so the pairs cancel most of it
+        rnd = {}
+        for arm in arms:
+            if arm == "direct":
+                rnd[arm] = _answer(engine + rng.gauss(0.0, 0.002))
+            elif arm == "ray_openai":
+                rnd[arm] = _answer(engine + 0.002 + rng.gauss(0.0, 0.002))
+            else:
+                rnd[arm] = _answer(engine + hop_ms / 1000 + rng.gauss(0.0, 0.002), own_ms=1.5, engine_ms=200.0)
+        rounds.append(rnd)
+    rps = {"direct": 2.0, "ray_openai": 1.9, "frugal": 1.8, "frugal_budget_greedy": 1.7}
+    blocks = {arm: [{"wall_s": 8 / rps[arm], "latencies_s": [0.5] * 8, "errors": 0,
+                     "results": [_answer(0.5)] * 8}] for arm in arms}
+    return rounds, blocks
+
+
+def test_a_run_is_summarized_with_the_hop_its_interval_and_the_requests_planned(capsys):
+    rounds, blocks = _fake_run(so.ARMS)
+    planned = {arm: 200 for arm in so.ARMS}
+    metrics = so.summarize_run(rounds, blocks, so.ARMS, planned, {arm: 8 for arm in so.ARMS}, {})
+    assert metrics["added_p50_ms"] == pytest.approx(3.0, abs=1.0)
+    lo, hi = metrics["added_p50_ms_ci95"]
+    assert lo < 3.0 < hi and metrics["added_p50_ms_upper95"] == hi < 10
+    assert metrics["added_p50_resolution"] == "met" and metrics["hop_pairs"] == 200
+    assert metrics["over_ray_openai_p50_ms"] == pytest.approx(1.0, abs=1.0)
+    assert metrics["ingress_own_p50_ms"] == 1.5 and metrics["ingress_own_requests"] == 200
+    assert metrics["at_least_200_requests"] is True
+    assert metrics["throughput_ratio"] == pytest.approx(1.8 / 1.9)
+    assert metrics["throughput_ratio_vs_direct"] == pytest.approx(0.9)
+    assert metrics["requests"]["latency_phase"]["direct"] == {
+        "planned": 200, "run": 200, "answered": 200, "failed": 0, "failures": {}}
+    so.print_summary(metrics, so.ARMS, {}, {"added_p50_ms_upper95": True})
+    out = capsys.readouterr().out
+    assert "added p50 (median paired frugal - direct)" in out and "frugal-ray_openai" in out
+
+
+def test_a_run_without_the_direct_arm_says_the_hop_was_not_measured_and_why(capsys):
+    arms = tuple(a for a in so.ARMS if a != "direct")
+    rounds, blocks = _fake_run(arms, n_rounds=20)
+    reason = "the direct app did not deploy: RuntimeError: x"
+    metrics = so.summarize_run(rounds, blocks, arms, {arm: 20 for arm in so.ARMS}, {arm: 8 for arm in so.ARMS},
+                               {"direct": reason})
+    assert metrics["added_p50_ms_upper95"] is None and metrics["added_p50_resolution"] == "not measured"
+    assert metrics["throughput_ratio_vs_direct"] is None and metrics["at_least_200_requests"] is False
+    assert metrics["requests"]["latency_phase"]["direct"]["not_run_reason"] == reason
+    assert metrics["requests"]["throughput_phase"]["direct"]["not_run"] == 8
+    so.print_summary(metrics, arms, {"direct": reason}, {"added_p50_ms_upper95": False})
+    assert "not measured" in capsys.readouterr().out

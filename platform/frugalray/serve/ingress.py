@@ -32,6 +32,15 @@ deployment handle with `.options(stream=True).chat.remote(request)`) and adds:
   the operator's `cascade_escalate_to`) and best_of_n scored by a served reward model
   (`compute_budget.score_with: reward_model`): the mean log-probability that model assigns to
   each sample after the prompt (vLLM `prompt_logprobs`), its FLOPs counted and budgeted.
+- timing: every non-streamed answer of the two completion routes (errors included) carries two response
+  headers, outside the OpenAI body: `x-frugalray-ingress-ms`, the ingress's own time for the request
+  (wall time of its handling, from the route's handler being entered to the response being ready,
+  minus the time spent awaiting engine responses), and `x-frugalray-engine-ms`, that awaited time
+  (each engine request from `.remote()` to its last item: the handle's round trip and the engine's
+  work). Time queued behind the ingress's own gates and locks, tenant-ledger calls and tokenizing count
+  as the ingress's. Engine requests are awaited one after another, so the two add up to the handler's
+  wall time. Streams carry neither (their headers go out before the work is done).
+  bench/serve_overhead.py reads them.
 
 This module imports FastAPI and Ray at the top; it is loaded only inside the Serve replica
 and by `frugalray.serve.app.build_app`.
@@ -45,6 +54,8 @@ import hmac
 import json
 import logging
 import time
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -90,6 +101,22 @@ log = logging.getLogger(__name__)
 
 api = FastAPI(title="frugalray", description="OpenAI-compatible serving under per-request compute budgets")
 
+INGRESS_MS_HEADER = "x-frugalray-ingress-ms"
+ENGINE_MS_HEADER = "x-frugalray-engine-ms"
+
+
+@dataclass
+class RequestClock:
+    """One request's time in the ingress: when its handling started, and how long it has awaited the engine."""
+
+    started: float  # time.perf_counter()
+    engine_s: float = 0.0
+
+    def headers(self, now: float) -> dict[str, str]:
+        """The timing headers at `now` (perf_counter): own time = wall - engine, in milliseconds."""
+        own = max(now - self.started - self.engine_s, 0.0)
+        return {INGRESS_MS_HEADER: f"{1000 * own:.3f}", ENGINE_MS_HEADER: f"{1000 * self.engine_s:.3f}"}
+
 
 @serve.ingress(api)
 class FrugalIngress:
@@ -109,6 +136,9 @@ class FrugalIngress:
         self._tokenizer = None  # loaded on the first request with a FLOP budget
         self._metrics = ServingMetrics()
         self._ledger_actor = None  # the app's tenant ledger, looked up on the first budgeted request
+        # The clock of the request this task serves (timing headers). Made here, not at module level: Serve
+        # pickles this class by value, and a ContextVar its code references cannot be pickled (see spend.py).
+        self._clock: ContextVar[RequestClock | None] = ContextVar("frugalray_request_clock", default=None)
         try:
             self._holder = str(serve.get_replica_context().replica_id)
         except Exception:  # noqa: BLE001 - outside a Serve replica (unit tests)
@@ -183,6 +213,17 @@ class FrugalIngress:
         return b"".join(chunks)
 
     async def _handle(self, request: Request, kind: str):
+        clock = RequestClock(time.perf_counter())
+        token = self._clock.set(clock)
+        try:
+            response = await self._answer(request, kind)
+        finally:
+            self._clock.reset(token)
+        if not isinstance(response, StreamingResponse):
+            response.headers.update(clock.headers(time.perf_counter()))
+        return response
+
+    async def _answer(self, request: Request, kind: str):
         tenant = DEFAULT_TENANT
         try:
             tenant = self._authorize(request)
@@ -400,6 +441,7 @@ class FrugalIngress:
         result = None
         delay = self._w.cancel_release_delay_s
         async with (self._gate.exclusive() if exclusive else self._gate.shared(cancel_delay=delay)):
+            awaiting = time.perf_counter()  # the engine's time: from .remote() to its last item (timing headers)
             gen = getattr(self._server, kind).remote(request, None)
             try:
                 async for item in gen:
@@ -412,6 +454,9 @@ class FrugalIngress:
                     meter.cancelled(request.model, int(sent or self._s["default_max_tokens"]),
                                     int(getattr(request, "n", None) or 1))
                 raise
+            finally:
+                if (clock := self._clock.get()) is not None:
+                    clock.engine_s += time.perf_counter() - awaiting
         if (meter := current_meter()) is not None and result is not None and getattr(result, "usage", None):
             meter.answered(request.model, int(result.usage.prompt_tokens or 0),
                            int(result.usage.completion_tokens or 0), max(len(getattr(result, "choices", [])), 1))

@@ -62,7 +62,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from frugalray.benchmarking import RESULTS_DIR, print_table, write_result
+from frugalray.benchmarking import RESULTS_DIR, print_table, write_plan, write_result
 from frugalray.budget.flops import ModelShape, train_flops_per_token
 from frugalray.data.score_columns import SCORER_COLUMNS
 from frugalray.examples.generate import ALL_NOISE_KINDS, GenerateConfig, generate_tasks, write_rows
@@ -253,19 +253,6 @@ def method_metrics(name: str, source: list[dict], kept: list[dict], among: set[s
 # -- record ------------------------------------------------------------------------------------------
 
 
-def plan_record(out_dir: Path, name: str, config: dict[str, Any]) -> dict:
-    """Write the result JSON before the first measurement: what will run (the primary configuration,
-    every planned method, the targets). The previous result's targets and targets_history are kept
-    (as bench/serve_adaptive.py does), so the final write_result still compares against them."""
-    path = out_dir / f"{name}.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {}
-    planned = {"bench": name, "status": "running", "config": config,
-               **{k: previous[k] for k in ("targets", "targets_history") if k in previous}}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(planned, indent=2, default=str) + "\n")
-    return planned
-
-
 def primary_config(score_settings: dict[str, Any]) -> dict[str, Any]:
     fields = methods()[PRIMARY_METHOD]
     if uses_reference_answers(fields):  # the point of issue 20: the headline must run without labels
@@ -322,7 +309,7 @@ def run(quick: bool, out_dir: Path) -> dict:
                              f"to seq_len {budget.seq_len} and charged at its own length; one epoch"),
         "selection_flops_rule": "score_flops.scored_rows_flops for the scorers each method reads",
     }
-    plan_record(out_dir, NAME, config)  # before the first measurement
+    write_plan(NAME, config, out_dir)  # before the first measurement
 
     source = generate_tasks(generate)
     write_rows(source, work / "tasks.jsonl")

@@ -505,17 +505,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 # --- main ---------------------------------------------------------------------------------
 
 
-def plan_record(out_dir: Path, name: str, config: dict[str, Any]) -> None:
-    """The result JSON before the first request: what will run (primary config, every prompt).
-
-    The previous result's targets and targets_history are kept, so the final write compares against them."""
-    path = out_dir / f"{name}.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {}
-    planned = {"bench": name, "status": "running", "config": config,
-               **{k: previous[k] for k in ("targets", "targets_history") if k in previous}}
-    path.write_text(json.dumps(planned, indent=2) + "\n")
-
-
 TARGETS_HISTORY = [
     {"metric": "sample_ratio_sc16_over_adaptive_T0.3", "old": ">= 3", "new": None,
      "why": "issue 22 moves the headline to the fine-tuned arithmetic adapter at the server's temperature 0.7; "
@@ -537,7 +526,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     import openai
 
-    from frugalray.benchmarking import print_table, write_result
+    from frugalray.benchmarking import print_table, write_plan, write_result
     from frugalray.models import DEFAULT_MODEL, engine_dtype_default, model_shape, resolve_model
     from frugalray.serve.app import deploy, shutdown_app
     from frugalray.serve.config import ServeConfig, preflight
@@ -589,7 +578,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan_record(out_dir, args.name, config)
+    write_plan(args.name, config, out_dir)  # before the first request
     started = time.time()
     cfg = ServeConfig(model=model_path, model_name=MODEL_NAME, adapters={ADAPTER_NAME: str(adapter_dir)},
                       app_name="bench-adaptive", route_prefix="/", http_port=free_port(),

@@ -62,7 +62,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from serve_adaptive import LONG_DEADLINE, MODEL_NAME, free_port, local_ray_cluster, plan_record
+from serve_adaptive import LONG_DEADLINE, MODEL_NAME, free_port, local_ray_cluster
 
 log = logging.getLogger("bench.serve_overhead")
 
@@ -390,7 +390,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ray import serve
     from ray.serve.llm import build_openai_app
 
-    from frugalray.benchmarking import write_result
+    from frugalray.benchmarking import write_plan, write_result
     from frugalray.examples.generate import make_eval_set
     from frugalray.models import DEFAULT_MODEL, engine_dtype_default, resolve_model
     from frugalray.serve.app import deploy, llm_config_for, shutdown_app
@@ -442,7 +442,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan_record(out_dir, args.name, config)  # before any request, keeping the targets and their history
+    write_plan(args.name, config, out_dir)  # before any request, keeping the targets and their history
 
     not_run: dict[str, str] = {}
     started = time.time()

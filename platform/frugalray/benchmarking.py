@@ -127,6 +127,20 @@ def machine_facts() -> dict:
             "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
+def write_plan(name: str, config: dict, out_dir: str | Path | None = None) -> dict:
+    """Write `<out_dir>/<name>.json` before a benchmark's first measurement: `status: running` and its
+    config (the primary configuration, everything planned). The previous result's targets and
+    targets_history are kept in it, so the final `write_result` still compares against them."""
+    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    path = out / f"{name}.json"
+    previous = _previous_result(path)
+    planned = {"bench": name, "status": "running", "config": config,
+               **{k: previous[k] for k in ("targets", "targets_history") if k in previous}}
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(planned, indent=2, default=str) + "\n")
+    return planned
+
+
 def write_result(
     name: str,
     config: dict,

@@ -16,7 +16,7 @@ sys.path.insert(0, str(BENCH))
 
 import data_noise_recall as nr
 
-from frugalray.benchmarking import write_result
+from frugalray.benchmarking import write_plan, write_result
 from frugalray.budget.flops import ModelShape, train_flops_per_token
 
 SHAPE = ModelShape(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, vocab_size=100,
@@ -123,7 +123,7 @@ def test_plan_record_keeps_the_targets_and_the_history_explains_every_change(tmp
     previous = {"bench": nr.NAME, "metrics": {"recall_combination": 0.995},
                 "targets": {"recall_combination": ">= 0.9"}, "met": {"recall_combination": True}}
     (tmp_path / f"{nr.NAME}.json").write_text(json.dumps(previous))
-    nr.plan_record(tmp_path, nr.NAME, {"primary": {"method": nr.PRIMARY_METHOD}})
+    write_plan(nr.NAME, {"primary": {"method": nr.PRIMARY_METHOD}}, tmp_path)
     planned = json.loads((tmp_path / f"{nr.NAME}.json").read_text())
     assert planned["status"] == "running" and planned["config"]["primary"]["method"] == nr.PRIMARY_METHOD
     assert planned["targets"] == previous["targets"] and "metrics" not in planned  # no stale numbers left

@@ -175,7 +175,9 @@ def test_the_plan_is_written_before_any_request_keeping_the_target_history(tmp_p
     history = [{"metric": "m", "old": ">= 1", "new": ">= 2", "commit": "abc", "why": "because"}]
     (tmp_path / "b.json").write_text(json.dumps({"targets": {"m": ">= 2"}, "targets_history": history,
                                                  "metrics": {"m": 3}}))
-    sa.plan_record(tmp_path, "b", {"primary": {"method": sa.PRIMARY}, "prompts": [{"id": "x"}]})
+    from frugalray.benchmarking import write_plan
+
+    write_plan("b", {"primary": {"method": sa.PRIMARY}, "prompts": [{"id": "x"}]}, tmp_path)
     planned = json.loads((tmp_path / "b.json").read_text())
     assert planned["status"] == "running" and planned["config"]["prompts"] == [{"id": "x"}]
     assert planned["targets"] == {"m": ">= 2"} and planned["targets_history"] == history
@@ -303,12 +305,12 @@ def test_tally_reports_planned_run_and_failures_with_reasons():
 def test_the_new_targets_are_accepted_against_the_committed_record_after_the_plan(tmp_path):
     import json
 
-    from frugalray.benchmarking import write_result
+    from frugalray.benchmarking import write_plan, write_result
 
     # the record as it was before the target's metric moved (bench/results has the moved one now)
     (tmp_path / "serve_overhead.json").write_text(json.dumps(
         {"bench": "serve_overhead", "targets": {"added_p50_ms": "<= 10", "throughput_ratio": ">= 0.9"}}))
-    so.plan_record(tmp_path, "serve_overhead", {"primary": {}})  # as run() does before the first request
+    write_plan("serve_overhead", {"primary": {}}, tmp_path)  # as run() does before the first request
     metrics = {"added_p50_ms_upper95": 6.0, "added_p50_ms": 4.0, "throughput_ratio": 1.0}
     with pytest.raises(ValueError, match="added_p50_ms"):
         write_result("serve_overhead", {}, metrics, so.TARGETS, out_dir=tmp_path)

@@ -264,13 +264,19 @@ def test_a_sweep_that_loses_a_node_finishes_within_its_flop_cap(loopback_cluster
             return None
         journal = run_dir / json.loads((run_dir / STATE_FILE).read_text())["journal"]
         settles: dict[str, int] = {}
+        reserves = 0
         for e in read_journal(journal):
             if e["op"] == "settle":
                 trial_id = e["tag"].rsplit(":", 1)[0]
                 settles[trial_id] = settles.get(trial_id, 0) + 1
+            elif e["op"] == "reserve":
+                reserves += 1
         running = [t for t, n in settles.items() if n < TRIAL_STEPS]
+        # ... and each of them holds its next chunk right now (not between a settle and the next reserve),
+        # so the node killed next takes an open hold with it.
+        holding = reserves - sum(settles.values()) == len(running)
         alive = list(_actor_nodes(loopback_cluster, trial_classes).values())
-        if alive and len(running) == len(alive) and any(n != "head" for n in alive):
+        if alive and holding and len(running) == len(alive) and any(n != "head" for n in alive):
             return alive, settles
         return None
 

@@ -8,41 +8,12 @@ import json
 import time
 
 import pytest
+from fake_engine import FakeResponse, FakeStream
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 ENGINE_S = 0.3  # each fake engine request takes this long
 OWN_S = 0.1  # the ingress's own (blocking) work, added where a test says
-
-
-class _SlowStream:
-    """A Serve handle's response stream whose one item arrives after `delay` seconds."""
-
-    def __init__(self, item, delay: float):
-        self._items, self._delay = [item], delay
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        if not self._items:
-            raise StopAsyncIteration
-        await asyncio.sleep(self._delay)
-        return self._items.pop()
-
-    def cancel(self):
-        pass
-
-
-class _Response:
-    def __init__(self, payload):
-        self._payload = payload
-
-    def model_dump(self, mode="json"):
-        n = self._payload.get("n") or 1
-        return {"id": "x", "object": "text_completion", "model": self._payload["model"],
-                "choices": [{"index": i, "text": "42", "logprobs": None, "finish_reason": "stop"} for i in range(n)],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 2 * n, "total_tokens": 5 + 2 * n}}
 
 
 class _Engine:
@@ -56,7 +27,7 @@ class _Engine:
 
     def remote(self, request, _raw=None):
         self.calls += 1
-        return _SlowStream(_Response(request), ENGINE_S)
+        return FakeStream(FakeResponse(request), ENGINE_S)
 
 
 class _Metrics:

@@ -7,7 +7,7 @@ import asyncio
 import json
 
 import pytest
-from fake_engine import FakeStream
+from fake_engine import FakeResponse, FakeStream
 
 from frugalray.budget.flops import ModelShape
 from frugalray.config import ConfigError, parse_config
@@ -311,17 +311,6 @@ def test_prompt_logprobs_run_alone_only_on_cpu_with_adapters():
 
 # -- the ingress consults the flags (a fake engine handle, no Ray) -------------------------------
 
-class _Response:
-    def __init__(self, payload):
-        self._payload = payload
-
-    def model_dump(self, mode="json"):
-        n = self._payload.get("n") or 1
-        return {"id": "x", "object": "text_completion", "model": self._payload["model"],
-                "choices": [{"index": i, "text": "42", "logprobs": None, "finish_reason": "stop"} for i in range(n)],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 2 * n, "total_tokens": 5 + 2 * n}}
-
-
 class _Engine:
     """Stands in for the LLMServer handle: records each request's (n, seed)."""
 
@@ -335,7 +324,7 @@ class _Engine:
 
     def remote(self, request, _raw=None):
         self.calls.append((request.get("n") or 1, request.get("seed")))
-        return FakeStream(_Response(request))
+        return FakeStream(FakeResponse(request))
 
 
 def _ingress(platform: str, adapters: dict[str, int] | None = None):
